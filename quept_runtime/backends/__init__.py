@@ -1,0 +1,42 @@
+"""Backends for `ElasticLinear`, chosen once at load (DESIGN §4)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from quept_runtime.backends.base import ElasticBackend, ElasticWeights
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAMES = ("auto", "torch", "native", "triton")
+
+
+def get_backend(name: str = "auto", device: str | torch.device = "cpu") -> ElasticBackend:
+    """The backend called `name`; `auto` picks triton on CUDA, native on CPU when it builds, else torch."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKEND_NAMES)}")
+    device = torch.device(device)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "native"
+        if name == "native":
+            try:
+                return get_backend("native", device)
+            except (ImportError, RuntimeError, OSError) as err:
+                log.warning("native CPU backend unavailable (%s); using the torch backend", err)
+                return get_backend("torch", device)
+    if name == "torch":
+        from quept_runtime.backends.torch_backend import TorchBackend
+
+        return TorchBackend()
+    if name == "native":
+        from quept_runtime.backends.native_backend import NativeBackend  # type: ignore[import-not-found]
+
+        return NativeBackend()
+    from quept_runtime.backends.triton_backend import TritonBackend  # type: ignore[import-not-found]
+
+    return TritonBackend()
+
+
+__all__ = ["BACKEND_NAMES", "ElasticBackend", "ElasticWeights", "get_backend"]

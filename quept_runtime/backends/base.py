@@ -1,0 +1,59 @@
+"""The backend interface: how an `ElasticLinear` runs its matmul.
+
+A backend is chosen once at load (`torch`, `native`, `triton`). At load it repacks each layer's
+master codes into whatever layout it reads fastest (`prepare`); at run time it computes
+`y = x·deq_b(W)ᵀ + (x·A[:r_b]ᵀ)·B[:, :r_b]ᵀ + bias` with `b` chosen per row (`forward`).
+The math is defined by `kernels.reference.elastic_linear_ref`; every backend is tested against it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ElasticWeights:
+    """One elastic linear as stored in the checkpoint (DESIGN §2)."""
+
+    codes: torch.Tensor  # uint8 [N, K]
+    scales: torch.Tensor  # fp16 [W, N, K // G]
+    mins: torch.Tensor  # fp16 [W, N, K // G]
+    lora_a: torch.Tensor  # fp16 [R, K]
+    lora_b: torch.Tensor  # fp16 [N, R]
+    bias: torch.Tensor | None  # fp32 [N] or None
+    widths: tuple[int, ...]  # stored widths, e.g. (8, 6, 5, 4, 3, 2)
+    ranks: tuple[int, ...]  # adapter rank per stored width, aligned with `widths`
+    group_size: int
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    def rank_of(self, bits: int) -> int:
+        return self.ranks[self.widths.index(bits)]
+
+
+class ElasticBackend(ABC):
+    """Runs elastic linears. Stateless apart from what `prepare` returns per layer."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def prepare(self, weights: ElasticWeights) -> Any:
+        """Repack one layer at load time; the result is passed back to `forward`."""
+
+    @abstractmethod
+    def forward(self, prepared: Any, x: torch.Tensor, row_bits: torch.Tensor | int) -> torch.Tensor:
+        """x: [M, K] activations; row_bits: one width for all rows, or int tensor [M]. Returns [M, N]."""
+
+    def resident_bytes(self, prepared: Any) -> int:
+        """Bytes this backend keeps resident for one layer (for memory reports)."""
+        return 0

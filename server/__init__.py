@@ -1,0 +1,1 @@
+"""FastAPI server speaking the OpenAI API on top of the quept runtime."""
