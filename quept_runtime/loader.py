@@ -1,0 +1,82 @@
+"""Load a checkpoint into a ready-to-run model with its tokenizer and precision resolution."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quept_runtime.backends import ElasticBackend, get_backend
+from quept_runtime.checkpoint import ElasticCheckpoint, load_checkpoint
+from quept_runtime.errors import PrecisionError
+from quept_runtime.model import ElasticModel, elastic_model_from_checkpoint
+from quept_runtime.precision import PrecisionPlan, PrecisionSpec, parse_spec
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("QUEPT_CACHE_DIR", Path.home() / ".cache" / "quept"))
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded once; every precision runs on it without reloading."""
+
+    ckpt: ElasticCheckpoint
+    model: ElasticModel
+    tokenizer: Any
+    backend: ElasticBackend
+    load_seconds: float
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return self.ckpt.widths
+
+    @property
+    def max_context(self) -> int:
+        return self.model.args.max_position_embeddings
+
+    def parse(self, text: str) -> PrecisionSpec:
+        return parse_spec(text, self.widths)
+
+    def plan_for(self, spec: PrecisionSpec | str) -> PrecisionPlan:
+        """A concrete plan for a uniform or mixed spec (`auto` is the controller's job)."""
+        if isinstance(spec, str):
+            spec = self.parse(spec)
+        if spec.kind == "uniform":
+            return PrecisionPlan.uniform(int(spec.bits))  # type: ignore[arg-type]
+        if spec.kind == "mixed":
+            from quept_runtime.allocation import plan_for_target  # calibration issue: sensitivity tables
+
+            return plan_for_target(self, float(spec.target))  # type: ignore[arg-type]
+        raise PrecisionError(f"precision {spec} needs the controller to resolve it")
+
+    def encode_chat(self, prompt: str) -> list[int]:
+        """Token ids of `prompt`, wrapped in the chat template when the tokenizer has one."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(tok(prompt)["input_ids"])
+
+
+def load_model(checkpoint: str | Path, backend: str = "auto", device: str = "cpu") -> LoadedModel:
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint)
+    be = get_backend(backend, device)
+    model = elastic_model_from_checkpoint(ckpt, be)
+    tokenizer = None
+    if (Path(checkpoint) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    torch.set_grad_enabled(False)
+    seconds = time.perf_counter() - t0
+    log.info("loaded %s with the %s backend in %.1f s", checkpoint, be.name, seconds)
+    return LoadedModel(ckpt, model, tokenizer, be, seconds)

@@ -1,0 +1,274 @@
+"""Our own LLaMA-family forward (gpt-fast style) over elastic linears and a paged KV cache.
+
+One forward runs a flat batch of token rows from several sequences (prefill chunks and decode
+steps together). Each row carries its own precision: `row_bits` is either one width for every
+row and every linear, or an int tensor [T, n_linears] (a width per row per linear, so uniform
+and per-layer mixed plans share a batch). Transformers is used only for configs and as the
+reference in tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quept_runtime.backends.base import ElasticBackend, ElasticWeights
+from quept_runtime.errors import SourceModelError
+from quept_runtime.kv_cache import PagedKVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The architecture numbers our forward needs, read from a Hugging Face config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise SourceModelError(f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
+        n_heads = cfg["num_attention_heads"]
+        scaling = cfg.get("rope_scaling") or None
+        rope_theta = cfg.get("rope_theta")
+        if isinstance(cfg.get("rope_parameters"), dict):  # transformers >= 5 folds theta and scaling here
+            params = cfg["rope_parameters"]
+            rope_theta = params.get("rope_theta", rope_theta)
+            if params.get("rope_type", "default") != "default":
+                scaling = params
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("default", "llama3"):
+                raise SourceModelError(f"rope scaling {kind!r} is not supported (supported: default, llama3)")
+            scaling = None if kind == "default" else tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict))))
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta or 10000.0),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=scaling,
+        )
+
+
+def linear_names(n_layers: int) -> list[str]:
+    """Every elastic linear in plan order: the 7 per block, then the lm_head."""
+    return [f"model.layers.{i}.{n}" for i in range(n_layers) for n in LINEAR_NAMES] + ["lm_head"]
+
+
+class ElasticLinear(nn.Module):
+    """A linear whose weights are nested codes + per-width affines + cascaded adapters."""
+
+    def __init__(self, weights: ElasticWeights, backend: ElasticBackend, plan_index: int) -> None:
+        super().__init__()
+        self.weights = weights
+        self.backend = backend
+        self.prepared = backend.prepare(weights)
+        self.plan_index = plan_index  # column of this linear in a [T, n_linears] row_bits tensor
+
+    def forward(self, x: torch.Tensor, row_bits: torch.Tensor | int) -> torch.Tensor:
+        return self.backend.forward(self.prepared, x, row_bits)
+
+
+class DenseLinear(nn.Module):
+    """A plain fp32 linear with the ElasticLinear call signature (unquantized and RTN baselines)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan_index: int) -> None:
+        super().__init__()
+        self.weight = weight.float()
+        self.bias = None if bias is None else bias.float()
+        self.plan_index = plan_index
+
+    def forward(self, x: torch.Tensor, row_bits: torch.Tensor | int) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], with llama3 scaling where the config asks for it."""
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    if args.rope_scaling is None:
+        return inv.float()
+    s = dict(args.rope_scaling)
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    low_wl, high_wl = old_len / low, old_len / high
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+    mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+    return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; cos, sin: [T, 1, D] (rotate-half convention of Hugging Face Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's rows in a flat batch."""
+
+    start: int  # first row in the flat batch
+    length: int  # rows of this sequence in the batch (prefill chunk or 1 for decode)
+    context_before: int  # tokens of this sequence already in the KV cache before this batch
+    ctx_slots: torch.Tensor  # flat cache slot ids of all context_before + length tokens
+
+
+@dataclass
+class BatchLayout:
+    """Where each row's K/V goes and which rows attend to which cache slots."""
+
+    write_slots: torch.Tensor  # [T] flat cache slot of each row
+    seqs: list[SeqSlice]
+
+
+def resolve_row_bits(row_bits: torch.Tensor | int, n_linears: int) -> list[torch.Tensor | int]:
+    """Per linear: one int when all rows agree (the fast path), else the [T] column."""
+    if isinstance(row_bits, int):
+        return [row_bits] * n_linears
+    lo, hi = row_bits.amin(0).tolist(), row_bits.amax(0).tolist()  # [n_linears] each
+    return [int(a) if a == b else row_bits[:, j] for j, (a, b) in enumerate(zip(lo, hi))]
+
+
+class ElasticModel(nn.Module):
+    def __init__(self, args: ModelArgs, dense: dict[str, torch.Tensor], linears: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.args = args
+        self.linear_names = linear_names(args.n_layers)
+        self.embed = dense["model.embed_tokens.weight"]  # fp16/fp32 [V, D]; rows read per token
+        self.norms = [
+            (dense[f"model.layers.{i}.input_layernorm.weight"].float(),
+             dense[f"model.layers.{i}.post_attention_layernorm.weight"].float())
+            for i in range(args.n_layers)
+        ]
+        self.final_norm = dense["model.norm.weight"].float()
+        self.linears = [linears[n] for n in self.linear_names]
+        self.inv_freq = rope_inv_freq(args)
+
+    @property
+    def n_linears(self) -> int:
+        return len(self.linear_names)
+
+    def new_kv_cache(self, budget_bytes: int, block_size: int = 16) -> PagedKVCache:
+        a = self.args
+        return PagedKVCache.with_budget(a.n_layers, a.n_kv_heads, a.head_dim, budget_bytes, block_size)
+
+    def _attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, layout: BatchLayout
+    ) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] for the new rows; returns [T, Hq * D]."""
+        a = self.args
+        k_flat = cache.k_cache[layer].view(-1, a.n_kv_heads, a.head_dim)  # [slots, Hkv, D]
+        v_flat = cache.v_cache[layer].view(-1, a.n_kv_heads, a.head_dim)
+        k_flat.index_copy_(0, layout.write_slots, k)
+        v_flat.index_copy_(0, layout.write_slots, v)
+        out = q.new_empty(q.shape[0], a.n_heads, a.head_dim)
+        for s in layout.seqs:
+            qs = q[s.start : s.start + s.length].transpose(0, 1)  # [Hq, Lq, D]
+            ks = k_flat.index_select(0, s.ctx_slots).transpose(0, 1)  # [Hkv, Lk, D]
+            vs = v_flat.index_select(0, s.ctx_slots).transpose(0, 1)
+            mask = None
+            if s.length > 1:
+                q_pos = torch.arange(s.length).unsqueeze(1) + s.context_before  # [Lq, 1]
+                mask = torch.arange(s.ctx_slots.numel()).unsqueeze(0) <= q_pos  # [Lq, Lk]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
+            out[s.start : s.start + s.length] = o.transpose(0, 1)
+        return out.view(q.shape[0], a.n_heads * a.head_dim)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedKVCache,
+        layout: BatchLayout,
+        row_bits: torch.Tensor | int,
+        logits_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens, positions: [T]; row_bits: int or [T, n_linears]. Returns logits [L, V] for `logits_rows` (all if None)."""
+        a = self.args
+        bits = resolve_row_bits(row_bits, self.n_linears)
+        h = self.embed.index_select(0, tokens).float()  # [T, D]
+        freqs = positions.float().unsqueeze(1) * self.inv_freq  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, D]
+        cos, sin = emb.cos(), emb.sin()
+        t = tokens.shape[0]
+        for i in range(a.n_layers):
+            q_proj, k_proj, v_proj, o_proj, gate, up, down = self.linears[7 * i : 7 * i + 7]
+            b = bits[7 * i : 7 * i + 7]
+            attn_norm, mlp_norm = self.norms[i]
+            x = rms_norm(h, attn_norm, a.rms_norm_eps)
+            q = apply_rope(q_proj(x, b[0]).view(t, a.n_heads, a.head_dim), cos, sin)  # [T, Hq, D]
+            k = apply_rope(k_proj(x, b[1]).view(t, a.n_kv_heads, a.head_dim), cos, sin)  # [T, Hkv, D]
+            v = v_proj(x, b[2]).view(t, a.n_kv_heads, a.head_dim)
+            h = h + o_proj(self._attention(i, q, k, v, cache, layout), b[3])
+            x = rms_norm(h, mlp_norm, a.rms_norm_eps)
+            h = h + down(F.silu(gate(x, b[4])) * up(x, b[5]), b[6])
+        if logits_rows is not None:
+            h = h.index_select(0, logits_rows)
+            last = bits[-1]
+            bits_head = last if isinstance(last, int) else last.index_select(0, logits_rows)
+        else:
+            bits_head = bits[-1]
+        return self.linears[-1](rms_norm(h, self.final_norm, a.rms_norm_eps), bits_head)
+
+
+def build_layout(cache: PagedKVCache, seqs: Sequence[tuple[Any, int]]) -> BatchLayout:
+    """Reserve cache slots for each (SequenceBlocks, new_rows) and describe the flat batch."""
+    slices, writes, start = [], [], 0
+    for blocks, n_new in seqs:
+        before = blocks.num_tokens
+        writes.append(cache.reserve(blocks, n_new))
+        slices.append(SeqSlice(start, n_new, before, cache.slots(blocks, 0, before + n_new)))
+        start += n_new
+    return BatchLayout(torch.cat(writes), slices)
+
+
+def elastic_model_from_checkpoint(ckpt: Any, backend: ElasticBackend) -> ElasticModel:
+    """Build the runtime model from a loaded `ElasticCheckpoint` with the given backend."""
+    args = ModelArgs.from_hf_config(ckpt.hf_config)
+    names = linear_names(args.n_layers)
+    missing = [n for n in names if n not in ckpt.elastic]
+    if missing:
+        raise SourceModelError(f"checkpoint {ckpt.path} lacks elastic linears {missing[:3]}")
+    linears = {n: ElasticLinear(ckpt.elastic[n], backend, j) for j, n in enumerate(names)}
+    return ElasticModel(args, ckpt.dense, linears)
+
+
+def dense_model(args: ModelArgs, state: dict[str, torch.Tensor]) -> ElasticModel:
+    """The same forward over plain fp32 weights (`state` in Hugging Face names)."""
+    names = linear_names(args.n_layers)
+    linears = {n: DenseLinear(state[f"{n}.weight"], state.get(f"{n}.bias"), j) for j, n in enumerate(names)}
+    return ElasticModel(args, state, linears)

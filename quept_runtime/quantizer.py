@@ -1,0 +1,74 @@
+"""Nested round-to-nearest quantization (the uncalibrated starting point of every checkpoint).
+
+Master codes are asymmetric 8-bit codes per group of `G` input columns. The b-bit model reads the
+top `b` bits; its per-width affine starts at the centre of the 8-bit bin range each b-bit code
+covers (DESIGN §1), so `w ≈ q_b * scale_b + min_b` with
+
+    scale_b = scale_8 * 2^(8-b),  min_b = min_8 + scale_8 * (2^(8-b) - 1) / 2.
+
+Independent round-to-nearest (a separate b-bit grid per width) is kept here as the quality
+baseline that nesting is measured against.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from kernels.reference import DEFAULT_WIDTHS
+
+_EPS = 1e-8
+
+
+def check_group_size(k: int, group_size: int, name: str = "weight") -> None:
+    """Raise a clear error when `group_size` does not divide the input width `k`."""
+    if group_size <= 0 or k % group_size:
+        raise ValueError(
+            f"group size {group_size} does not divide K={k} of {name}; "
+            f"choose a group size that divides every K (e.g. a divisor of {k})"
+        )
+
+
+def check_widths(widths: Sequence[int]) -> tuple[int, ...]:
+    """Validate stored widths: distinct, in 1..8, and 8 first (the master width)."""
+    ws = tuple(int(w) for w in widths)
+    if not ws or ws[0] != 8 or len(set(ws)) != len(ws) or any(not 1 <= w <= 8 for w in ws):
+        raise ValueError(f"widths must be distinct values in 1..8 starting with 8, got {list(ws)}")
+    return ws
+
+
+def group_min_max(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max of w [N, K]: two [N, K // G] tensors."""
+    n, k = w.shape
+    wg = w.float().view(n, k // group_size, group_size)  # [N, K/G, G]
+    return wg.amin(-1), wg.amax(-1)
+
+
+def quantize_nested(
+    w: torch.Tensor, widths: Sequence[int] = DEFAULT_WIDTHS, group_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nested RTN: codes uint8 [N, K], scales and mins fp32 [W, N, K // G] (centre-of-bin per width)."""
+    widths = check_widths(widths)
+    n, k = w.shape
+    check_group_size(k, group_size)
+    lo, hi = group_min_max(w, group_size)  # [N, K/G]
+    scale8 = ((hi - lo) / 255.0).clamp_min(_EPS)
+    wg = w.float().view(n, k // group_size, group_size)  # [N, K/G, G]
+    codes = torch.round((wg - lo.unsqueeze(-1)) / scale8.unsqueeze(-1)).clamp_(0, 255)
+    codes = codes.to(torch.uint8).view(n, k)
+    scales = torch.stack([scale8 * 2 ** (8 - b) for b in widths])  # [W, N, K/G]
+    mins = torch.stack([lo + scale8 * (2 ** (8 - b) - 1) / 2 for b in widths])
+    return codes, scales, mins
+
+
+def quantize_independent(w: torch.Tensor, bits: int, group_size: int = 64) -> torch.Tensor:
+    """Independent asymmetric RTN at `bits` with its own grid; returns the dequantized fp32 [N, K]."""
+    n, k = w.shape
+    check_group_size(k, group_size)
+    levels = 2**bits - 1
+    lo, hi = group_min_max(w, group_size)
+    scale = ((hi - lo) / levels).clamp_min(_EPS).unsqueeze(-1)  # [N, K/G, 1]
+    wg = w.float().view(n, k // group_size, group_size)
+    q = torch.round((wg - lo.unsqueeze(-1)) / scale).clamp_(0, levels)
+    return (q * scale + lo.unsqueeze(-1)).view(n, k)
