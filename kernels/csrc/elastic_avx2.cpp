@@ -1,0 +1,256 @@
+// AVX2 + FMA + F16C path of the native elastic linear.
+//
+// This file is compiled without -mavx2: the code below the `#pragma GCC target` line is the only
+// code built for AVX2, and it is only called after a run-time CPU check (elastic_binding.cpp).
+// Every header is included before the pragma and nothing below it instantiates a library
+// template, so no AVX2 copy of a shared inline function can leak into the rest of the program.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "elastic_common.h"
+
+#if defined(QUEPT_X86)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace quept {
+namespace {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+inline __m256 load_half8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
+// Codes of width B for half h (rows 8h..8h+7) of tile t into qbuf[c][i][32]: byte r*4+j of
+// vector (c, i) is the code of row r, column c*32 + 4i + j.
+template <int B>
+void unpack_half(const LayerView& L, int64_t t, int h, uint8_t* qbuf) {
+    const uint8_t* base = L.planes + t * L.n_chunks * kBlockBytes + h * 32;
+    for (int64_t c = 0; c < L.n_chunks; ++c) {
+        __m256i q[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) q[i] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int p = 0; p < B; ++p) {
+            const int pos = B - 1 - p;
+            const __m256i plane = _mm256_loadu_si256((const __m256i*)(base + p * L.plane_stride + c * kBlockBytes));
+            const __m256i mask = _mm256_set1_epi8((char)(1 << pos));
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; ++i) {
+                const int s = i - pos;  // bit i of each byte moves to bit pos (16-bit shifts: the mask drops spill-over)
+                const __m256i v = s > 0 ? _mm256_srli_epi16(plane, s) : (s < 0 ? _mm256_slli_epi16(plane, -s) : plane);
+                q[i] = _mm256_or_si256(q[i], _mm256_and_si256(v, mask));
+            }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) _mm256_store_si256((__m256i*)(qbuf + (c * 8 + i) * 32), q[i]);
+    }
+}
+
+// How many maddubs results (int16) can be summed before widening without overflow.
+template <int B>
+constexpr int kSums = B <= 4 ? 8 : (B == 5 ? 4 : (B == 6 ? 2 : 1));
+
+// Rows rows[0..MB) of one segment against half h of tile t, codes in qbuf.
+template <int B, int MB>
+void dot_half(const LayerView& L, const ActView& A, const Segment& seg, const int32_t* rows, int64_t t, int h,
+              const uint8_t* qbuf) {
+    const int64_t K = L.k;
+    const int64_t cpg = L.group_size / kChunk;
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    const uint16_t* sc_p = L.scales + seg.widx * L.width_stride + t * L.n_groups * kTileRows + h * 8;
+    const uint16_t* mn_p = L.mins + seg.widx * L.width_stride + t * L.n_groups * kTileRows + h * 8;
+    const int8_t* xr[MB];
+    const float* dxr[MB];
+    const float* xsr[MB];
+    const int32_t* xqs[MB];
+    __m256 facc[MB];
+#pragma GCC unroll 4
+    for (int mb = 0; mb < MB; ++mb) {
+        xr[mb] = A.xq + rows[mb] * K;
+        dxr[mb] = A.dx + rows[mb] * L.n_chunks;
+        xsr[mb] = A.xsum + rows[mb] * L.n_groups;
+        xqs[mb] = A.xqsum + rows[mb] * L.n_chunks;
+        facc[mb] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < L.n_groups; ++g) {
+        const __m256 sc = load_half8(sc_p + g * kTileRows);
+        const __m256 mn = load_half8(mn_p + g * kTileRows);
+        for (int64_t cc = 0; cc < cpg; ++cc) {
+            const int64_t c = g * cpg + cc;
+            __m256i iacc[MB];
+#pragma GCC unroll 4
+            for (int mb = 0; mb < MB; ++mb) {
+                // width 8 runs on centred codes q - 128 (maddubs needs |u8| * |s8| pairs under 2^15):
+                // sum q x = sum (q - 128) x + 128 sum x, all in integers
+                iacc[mb] = B == 8 ? _mm256_set1_epi32(128 * xqs[mb][c]) : _mm256_setzero_si256();
+            }
+#pragma GCC unroll 8
+            for (int i0 = 0; i0 < 8; i0 += kSums<B>) {
+                __m256i p16[MB];
+#pragma GCC unroll 8
+                for (int i = i0; i < i0 + kSums<B>; ++i) {
+                    const __m256i qv = _mm256_load_si256((const __m256i*)(qbuf + (c * 8 + i) * 32));
+                    __m256i qs, qa;
+                    if (B == 8) {
+                        qs = _mm256_xor_si256(qv, flip);
+                        qa = _mm256_abs_epi8(qs);
+                    }
+#pragma GCC unroll 4
+                    for (int mb = 0; mb < MB; ++mb) {
+                        int32_t x4;
+                        std::memcpy(&x4, xr[mb] + c * kChunk + 4 * i, 4);
+                        const __m256i xb = _mm256_set1_epi32(x4);
+                        const __m256i p = B == 8 ? _mm256_maddubs_epi16(qa, _mm256_sign_epi8(xb, qs))
+                                                 : _mm256_maddubs_epi16(qv, xb);
+                        p16[mb] = i == i0 ? p : _mm256_add_epi16(p16[mb], p);
+                    }
+                }
+#pragma GCC unroll 4
+                for (int mb = 0; mb < MB; ++mb) iacc[mb] = _mm256_add_epi32(iacc[mb], _mm256_madd_epi16(p16[mb], ones16));
+            }
+#pragma GCC unroll 4
+            for (int mb = 0; mb < MB; ++mb) {
+                const __m256 s = _mm256_mul_ps(sc, _mm256_set1_ps(dxr[mb][c]));
+                facc[mb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[mb]), s, facc[mb]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int mb = 0; mb < MB; ++mb) facc[mb] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsr[mb][g]), facc[mb]);
+    }
+    const uint16_t* lb = L.lora_b + t * L.rank_max * kTileRows + h * 8;
+    for (int j = 0; j < seg.rank; ++j) {
+        const __m256 bv = load_half8(lb + j * kTileRows);
+#pragma GCC unroll 4
+        for (int mb = 0; mb < MB; ++mb) {
+            facc[mb] = _mm256_fmadd_ps(bv, _mm256_set1_ps(A.u[rows[mb] * L.rank_max + j]), facc[mb]);
+        }
+    }
+    const int64_t n0 = t * kTileRows + h * 8;
+    const int64_t valid = imin(8, L.n - n0);
+    if (L.bias) {
+        const __m256 bias = _mm256_loadu_ps(L.bias + n0);
+#pragma GCC unroll 4
+        for (int mb = 0; mb < MB; ++mb) facc[mb] = _mm256_add_ps(facc[mb], bias);
+    }
+#pragma GCC unroll 4
+    for (int mb = 0; mb < MB; ++mb) {
+        float* o = A.out + rows[mb] * L.n + n0;
+        if (valid == 8) {
+            _mm256_storeu_ps(o, facc[mb]);
+        } else {
+            alignas(32) float tmp[8];
+            _mm256_store_ps(tmp, facc[mb]);
+            for (int64_t j = 0; j < valid; ++j) o[j] = tmp[j];
+        }
+    }
+}
+
+template <int B>
+void tile_segment(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, uint8_t* qbuf) {
+    for (int h = 0; h < 2; ++h) {
+        if (t * kTileRows + h * 8 >= L.n) break;
+        unpack_half<B>(L, t, h, qbuf);
+        int64_t mi = 0;
+        for (; mi + 4 <= seg.n_rows; mi += 4) dot_half<B, 4>(L, A, seg, seg.rows + mi, t, h, qbuf);
+        switch (seg.n_rows - mi) {
+            case 3: dot_half<B, 3>(L, A, seg, seg.rows + mi, t, h, qbuf); break;
+            case 2: dot_half<B, 2>(L, A, seg, seg.rows + mi, t, h, qbuf); break;
+            case 1: dot_half<B, 1>(L, A, seg, seg.rows + mi, t, h, qbuf); break;
+            default: break;
+        }
+    }
+}
+
+}  // namespace
+
+void tiles_avx2(const LayerView& L, const ActView& A, const Segment* segs, int n_segs, int64_t t0, int64_t t1,
+                uint8_t* scratch) {
+    for (int64_t t = t0; t < t1; ++t) {
+        for (int s = 0; s < n_segs; ++s) {
+            const Segment& seg = segs[s];
+            switch (seg.bits) {
+                case 1: tile_segment<1>(L, A, seg, t, scratch); break;
+                case 2: tile_segment<2>(L, A, seg, t, scratch); break;
+                case 3: tile_segment<3>(L, A, seg, t, scratch); break;
+                case 4: tile_segment<4>(L, A, seg, t, scratch); break;
+                case 5: tile_segment<5>(L, A, seg, t, scratch); break;
+                case 6: tile_segment<6>(L, A, seg, t, scratch); break;
+                case 7: tile_segment<7>(L, A, seg, t, scratch); break;
+                default: tile_segment<8>(L, A, seg, t, scratch); break;
+            }
+        }
+    }
+}
+
+void rows_avx2(const float* x, int64_t m0, int64_t m1, const LayerView& L, const int32_t* row_rank, int8_t* xq,
+               float* dx, int32_t* xqsum, float* xsum, float* u) {
+    const int64_t K = L.k;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t m = m0; m < m1; ++m) {
+        const float* xr = x + m * K;
+        for (int64_t c = 0; c < L.n_chunks; ++c) {
+            const float* xc = xr + c * kChunk;
+            __m256 v[4];
+            __m256 amax = _mm256_setzero_ps();
+            for (int j = 0; j < 4; ++j) {
+                v[j] = _mm256_loadu_ps(xc + 8 * j);
+                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+            }
+            const float d = hmax8(amax) / 127.f;
+            const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+            __m256i iv[4];
+            for (int j = 0; j < 4; ++j) iv[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // half to even
+            const __m256i p01 = _mm256_packs_epi32(iv[0], iv[1]);
+            const __m256i p23 = _mm256_packs_epi32(iv[2], iv[3]);
+            __m256i b = _mm256_packs_epi16(p01, p23);
+            b = _mm256_permutevar8x32_epi32(b, perm);
+            b = _mm256_max_epi8(b, _mm256_set1_epi8(-127));
+            _mm256_storeu_si256((__m256i*)(xq + m * K + c * kChunk), b);
+            dx[m * L.n_chunks + c] = d;
+            // sum of the 32 int8: maddubs against 1s, then madd against 1s
+            const __m256i s16 = _mm256_maddubs_epi16(_mm256_set1_epi8(1), b);
+            const __m256i s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+            xqsum[m * L.n_chunks + c] = _mm_cvtsi128_si32(s4);
+        }
+        for (int64_t g = 0; g < L.n_groups; ++g) {
+            __m256 s = _mm256_setzero_ps();
+            for (int64_t j = 0; j < L.group_size; j += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(xr + g * L.group_size + j));
+            xsum[m * L.n_groups + g] = hsum8(s);
+        }
+        for (int j = 0; j < row_rank[m]; ++j) {
+            const uint16_t* a = L.lora_a + (int64_t)j * K;
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16) {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k), load_half8(a + k), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k + 8), load_half8(a + k + 8), s1);
+            }
+            u[m * L.rank_max + j] = hsum8(_mm256_add_ps(s0, s1));
+        }
+    }
+}
+
+}  // namespace quept
+
+#pragma GCC pop_options
+#endif  // QUEPT_X86

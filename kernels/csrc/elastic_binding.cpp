@@ -1,0 +1,313 @@
+// Python binding of the native elastic linear: load-time repacking into bit-planes, run-time ISA
+// dispatch (AVX-512 VNNI, AVX2/FMA/F16C, portable C++), threading with at::parallel_for.
+//
+//   y[m] = x[m] . deq_b(W)^T + (x[m] . A[:r_b]^T) . B[:, :r_b]^T + bias,   b = row_bits[m]
+//
+// One Python call per linear: `Layer.forward(x, bits)` / `Layer.forward_rows(x, row_bits)`; the
+// only tensor allocated per call is the output (scratch lives in thread-local buffers).
+#include <ATen/Parallel.h>
+#include <pybind11/stl.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <optional>
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "elastic_common.h"
+
+namespace quept {
+namespace {
+
+enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
+
+int detect_isa() {
+#if defined(QUEPT_X86)
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512vnni");
+    if (avx512) return kAvx512;
+    if (avx2) return kAvx2;
+#endif
+    return kGeneric;
+}
+
+const int g_best_isa = detect_isa();
+std::atomic<int> g_isa{g_best_isa};
+
+std::vector<std::string> available_isas() {
+    std::vector<std::string> names;
+    for (int i = 0; i <= g_best_isa; ++i) names.emplace_back(kIsaNames[i]);
+    return names;
+}
+
+void set_isa(const std::string& name) {
+    for (int i = 0; i <= kAvx512; ++i) {
+        if (name == kIsaNames[i]) {
+            TORCH_CHECK(i <= g_best_isa, "ISA '", name, "' is not supported by this CPU; available: ",
+                        c10::Join(", ", available_isas()));
+            g_isa.store(i);
+            return;
+        }
+    }
+    TORCH_CHECK(false, "unknown ISA '", name, "'; choose one of generic, avx2, avx512");
+}
+
+std::string current_isa() { return kIsaNames[g_isa.load()]; }
+
+// 64-byte aligned view into a growing thread-local buffer.
+uint8_t* thread_buffer(std::vector<uint8_t>& buf, size_t bytes) {
+    if (buf.size() < bytes + 64) buf.resize(bytes + 64);
+    const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+    return reinterpret_cast<uint8_t*>((p + 63) & ~uintptr_t(63));
+}
+
+// codes uint8 [N, K] -> planes uint8 [8][n_tiles][n_chunks][64] (layout in elastic_common.h).
+torch::Tensor pack_planes(const torch::Tensor& codes, int64_t n_tiles) {
+    const int64_t N = codes.size(0), K = codes.size(1), n_chunks = K / kChunk;
+    auto planes = torch::zeros({8, n_tiles, n_chunks, kBlockBytes}, torch::kUInt8);
+    const uint8_t* src = codes.data_ptr<uint8_t>();
+    uint8_t* dst = planes.data_ptr<uint8_t>();
+    const int64_t plane_stride = n_tiles * n_chunks * kBlockBytes;
+    at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+            for (int r = 0; r < kTileRows; ++r) {
+                const int64_t n = t * kTileRows + r;
+                if (n >= N) break;
+                for (int64_t c = 0; c < n_chunks; ++c) {
+                    for (int j = 0; j < 4; ++j) {
+                        uint8_t bytes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                        for (int i = 0; i < 8; ++i) {
+                            const uint8_t code = src[n * K + c * kChunk + 4 * i + j];
+                            for (int p = 0; p < 8; ++p) bytes[p] |= (uint8_t)(((code >> (7 - p)) & 1u) << i);
+                        }
+                        const int64_t off = (t * n_chunks + c) * kBlockBytes + r * 4 + j;
+                        for (int p = 0; p < 8; ++p) dst[p * plane_stride + off] = bytes[p];
+                    }
+                }
+            }
+        }
+    });
+    return planes;
+}
+
+// [..., N, X] -> [..., n_tiles, X, 16] in fp16, zero-padded rows.
+torch::Tensor tile_rows(const torch::Tensor& t, int64_t n_tiles) {
+    const int64_t N = t.size(-2), pad = n_tiles * kTileRows - N;
+    auto h = t.to(torch::kHalf);
+    if (pad) {
+        std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end());
+        shape[shape.size() - 2] = pad;
+        h = torch::cat({h, torch::zeros(shape, h.options())}, -2);
+    }
+    std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end() - 2);
+    shape.push_back(n_tiles);
+    shape.push_back(kTileRows);
+    shape.push_back(t.size(-1));
+    const int64_t d = (int64_t)shape.size();
+    return h.reshape(shape).transpose(d - 2, d - 1).contiguous();
+}
+
+class Layer {
+   public:
+    Layer(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins,
+          const torch::Tensor& lora_a, const torch::Tensor& lora_b, const torch::Tensor& bias,
+          std::vector<int64_t> widths, std::vector<int64_t> ranks, int64_t group_size)
+        : widths_(std::move(widths)), ranks_(std::move(ranks)) {
+        TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8, "codes must be uint8 [N, K]");
+        const int64_t N = codes.size(0), K = codes.size(1), W = (int64_t)widths_.size();
+        TORCH_CHECK(group_size > 0 && group_size % kChunk == 0, "group size must be a multiple of 32, got ", group_size);
+        TORCH_CHECK(K % group_size == 0, "group size ", group_size, " does not divide K=", K);
+        TORCH_CHECK((int64_t)ranks_.size() == W, "one rank per width expected");
+        TORCH_CHECK(scales.sizes() == mins.sizes() && scales.dim() == 3 && scales.size(0) == W && scales.size(1) == N &&
+                        scales.size(2) == K / group_size,
+                    "scales/mins must be [W, N, K/G] = [", W, ", ", N, ", ", K / group_size, "], got ", scales.sizes());
+        const int64_t R = lora_a.dim() == 2 ? lora_a.size(0) : 0;
+        TORCH_CHECK(R == 0 || (lora_a.size(1) == K && lora_b.dim() == 2 && lora_b.size(0) == N && lora_b.size(1) == R),
+                    "lora_a must be [R, K] and lora_b [N, R]");
+        for (int64_t i = 0; i < W; ++i) {
+            TORCH_CHECK(widths_[i] >= 1 && widths_[i] <= 8, "widths must be in 1..8, got ", widths_[i]);
+            TORCH_CHECK(ranks_[i] >= 0 && ranks_[i] <= R, "rank ", ranks_[i], " of width ", widths_[i],
+                        " exceeds the adapter rank ", R);
+        }
+        const int64_t n_tiles = (N + kTileRows - 1) / kTileRows;
+        auto c = codes.contiguous();
+        planes_ = pack_planes(c, n_tiles);
+        scales_ = tile_rows(scales, n_tiles);  // [W, n_tiles, K/G, 16]
+        mins_ = tile_rows(mins, n_tiles);
+        if (R > 0) {
+            lora_a_ = lora_a.to(torch::kHalf).contiguous();
+            lora_b_ = tile_rows(lora_b, n_tiles);  // [n_tiles, R, 16]
+        } else {
+            lora_a_ = torch::zeros({1, K}, torch::kHalf);
+            lora_b_ = torch::zeros({n_tiles, 1, kTileRows}, torch::kHalf);
+        }
+        if (bias.numel() > 0) {
+            TORCH_CHECK(bias.numel() == N, "bias must have N=", N, " entries");
+            bias_ = torch::zeros({n_tiles * kTileRows}, torch::kFloat);
+            bias_.narrow(0, 0, N).copy_(bias.reshape({N}));
+        }
+        L_.planes = planes_.data_ptr<uint8_t>();
+        L_.scales = reinterpret_cast<const uint16_t*>(scales_.data_ptr<at::Half>());
+        L_.mins = reinterpret_cast<const uint16_t*>(mins_.data_ptr<at::Half>());
+        L_.lora_a = reinterpret_cast<const uint16_t*>(lora_a_.data_ptr<at::Half>());
+        L_.lora_b = reinterpret_cast<const uint16_t*>(lora_b_.data_ptr<at::Half>());
+        L_.bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
+        L_.n = N;
+        L_.k = K;
+        L_.n_tiles = n_tiles;
+        L_.n_chunks = K / kChunk;
+        L_.group_size = group_size;
+        L_.n_groups = K / group_size;
+        L_.rank_max = std::max<int64_t>(R, 1);
+        L_.plane_stride = n_tiles * L_.n_chunks * kBlockBytes;
+        L_.width_stride = n_tiles * L_.n_groups * kTileRows;
+    }
+
+    torch::Tensor forward(const torch::Tensor& x, int64_t bits, const std::optional<torch::Tensor>& out) const {
+        return run(x, bits, nullptr, out);
+    }
+
+    torch::Tensor forward_rows(const torch::Tensor& x, const torch::Tensor& row_bits,
+                               const std::optional<torch::Tensor>& out) const {
+        TORCH_CHECK(row_bits.dim() == 1 && row_bits.size(0) == x.size(0), "row_bits must be [M] with M=", x.size(0));
+        auto rb = row_bits.to(torch::kInt64).contiguous();
+        return run(x, 0, rb.data_ptr<int64_t>(), out);
+    }
+
+    int64_t resident_bytes() const {
+        int64_t total = 0;
+        for (const auto* t : {&planes_, &scales_, &mins_, &lora_a_, &lora_b_, &bias_}) {
+            if (t->defined()) total += t->numel() * t->element_size();
+        }
+        return total;
+    }
+
+    torch::Tensor planes() const { return planes_; }
+
+   private:
+    int width_index(int64_t bits) const {
+        for (size_t i = 0; i < widths_.size(); ++i) {
+            if (widths_[i] == bits) return (int)i;
+        }
+        TORCH_CHECK(false, "width ", bits, " is not stored; stored widths are ", c10::Join(", ", widths_));
+        return -1;
+    }
+
+    torch::Tensor run(const torch::Tensor& x_in, int64_t bits, const int64_t* row_bits,
+                      const std::optional<torch::Tensor>& out_arg) const {
+        TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == L_.k, "x must be [M, K] with K=", L_.k, ", got ", x_in.sizes());
+        const auto x = x_in.scalar_type() == torch::kFloat ? x_in.contiguous() : x_in.to(torch::kFloat).contiguous();
+        const int64_t M = x.size(0), K = L_.k;
+        torch::Tensor out;
+        if (out_arg.has_value()) {
+            out = *out_arg;
+            TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == M &&
+                            out.size(1) == L_.n,
+                        "out must be a contiguous float32 [", M, ", ", L_.n, "] tensor");
+        } else {
+            out = torch::empty({M, L_.n}, x.options());
+        }
+        if (M == 0 || L_.n == 0) return out;
+
+        // per-call buffers (caller's thread): rows, row ranks, quantized activations
+        thread_local std::vector<uint8_t> call_buf;
+        const size_t off_rank = (size_t)M * 4, off_xq = off_rank + (size_t)M * 4;
+        const size_t off_dx = (off_xq + (size_t)(M * K) + 63) & ~size_t(63);
+        const size_t off_qs = off_dx + (size_t)(M * L_.n_chunks) * 4;
+        const size_t off_xs = off_qs + (size_t)(M * L_.n_chunks) * 4;
+        const size_t off_u = off_xs + (size_t)(M * L_.n_groups) * 4;
+        uint8_t* buf = thread_buffer(call_buf, off_u + (size_t)(M * L_.rank_max) * 4);
+        int32_t* rows = reinterpret_cast<int32_t*>(buf);
+        int32_t* row_rank = reinterpret_cast<int32_t*>(buf + off_rank);
+        int8_t* xq = reinterpret_cast<int8_t*>(buf + off_xq);
+        float* dx = reinterpret_cast<float*>(buf + off_dx);
+        int32_t* xqsum = reinterpret_cast<int32_t*>(buf + off_qs);
+        float* xsum = reinterpret_cast<float*>(buf + off_xs);
+        float* u = reinterpret_cast<float*>(buf + off_u);
+
+        Segment segs[8];
+        int n_segs = 0;
+        if (row_bits == nullptr) {
+            const int w = width_index(bits);
+            for (int64_t m = 0; m < M; ++m) {
+                rows[m] = (int32_t)m;
+                row_rank[m] = (int32_t)ranks_[w];
+            }
+            segs[n_segs++] = Segment{(int)bits, w, (int)ranks_[w], rows, M};
+        } else {  // counting sort of the rows by width
+            int64_t count[9] = {0};
+            for (int64_t m = 0; m < M; ++m) {
+                const int w = width_index(row_bits[m]);
+                row_rank[m] = (int32_t)ranks_[w];
+                ++count[row_bits[m]];
+            }
+            int64_t start[9] = {0}, fill[9];
+            for (int b = 1; b <= 8; ++b) start[b] = start[b - 1] + count[b - 1];
+            std::copy(start, start + 9, fill);
+            for (int64_t m = 0; m < M; ++m) rows[fill[row_bits[m]]++] = (int32_t)m;
+            for (int b = 8; b >= 1; --b) {
+                if (count[b] == 0) continue;
+                const int w = width_index(b);
+                segs[n_segs++] = Segment{b, w, (int)ranks_[w], rows + start[b], count[b]};
+            }
+        }
+
+        const int isa = g_isa.load(std::memory_order_relaxed);
+        RowsFn rows_fn = rows_generic;
+        TilesFn tiles_fn = tiles_generic;
+#if defined(QUEPT_X86)
+        if (isa >= kAvx2) rows_fn = rows_avx2;
+        if (isa == kAvx2) tiles_fn = tiles_avx2;
+        if (isa == kAvx512) tiles_fn = tiles_avx512;
+#endif
+        const float* xp = x.data_ptr<float>();
+        const int64_t row_work = K * (1 + L_.rank_max);
+        at::parallel_for(0, M, std::max<int64_t>(1, 65536 / row_work), [&](int64_t m0, int64_t m1) {
+            rows_fn(xp, m0, m1, L_, row_rank, xq, dx, xqsum, xsum, u);
+        });
+
+        const ActView A{xq, dx, xqsum, xsum, u, out.data_ptr<float>()};
+        const int64_t tile_work = kTileRows * K * M;
+        const int64_t grain = std::max<int64_t>(1, 65536 / tile_work);
+        at::parallel_for(0, L_.n_tiles, grain, [&](int64_t t0, int64_t t1) {
+            thread_local std::vector<uint8_t> tile_buf;
+            uint8_t* scratch = thread_buffer(tile_buf, (size_t)scratch_bytes(K));
+            tiles_fn(L_, A, segs, n_segs, t0, t1, scratch);
+        });
+        return x_in.scalar_type() == torch::kFloat || out_arg.has_value() ? out : out.to(x_in.scalar_type());
+    }
+
+    std::vector<int64_t> widths_, ranks_;
+    torch::Tensor planes_, scales_, mins_, lora_a_, lora_b_, bias_;
+    LayerView L_{};
+};
+
+}  // namespace
+}  // namespace quept
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    namespace py = pybind11;
+    using quept::Layer;
+    m.doc() = "quept native CPU kernels for the elastic linear";
+    py::class_<Layer>(m, "Layer")
+        .def(py::init<const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                      const torch::Tensor&, const torch::Tensor&, std::vector<int64_t>, std::vector<int64_t>, int64_t>(),
+             py::arg("codes"), py::arg("scales"), py::arg("mins"), py::arg("lora_a"), py::arg("lora_b"), py::arg("bias"),
+             py::arg("widths"), py::arg("ranks"), py::arg("group_size"))
+        .def("forward", &Layer::forward, py::arg("x"), py::arg("bits"), py::arg("out") = py::none(),
+             py::call_guard<py::gil_scoped_release>())
+        .def("forward_rows", &Layer::forward_rows, py::arg("x"), py::arg("row_bits"), py::arg("out") = py::none(),
+             py::call_guard<py::gil_scoped_release>())
+        .def("resident_bytes", &Layer::resident_bytes)
+        .def("planes", &Layer::planes);
+    m.def("available_isas", &quept::available_isas, "ISA paths this CPU can run, slowest first");
+    m.def("set_isa", &quept::set_isa, py::arg("name"), "Select the ISA path (generic, avx2, avx512)");
+    m.def("current_isa", &quept::current_isa);
+}

@@ -1,0 +1,220 @@
+"""The native CPU kernel (kernels/csrc/) against the plain-torch reference, on every ISA path this CPU has.
+
+Each test is seeded from its own id, so the inputs differ between tests and parameters but are
+reproducible. Outputs are poisoned with NaN before every call (`out=`). The kernel rounds the
+activations to int8 per block of 32 (kernels/native_ref.py): it is held to fp32 rounding against
+the emulation of that arithmetic, and to the rounding bound against the exact reference.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kernels.native import find_compiler
+from kernels.native_ref import elastic_linear_emulated, error_bound, magnitude
+from kernels.reference import elastic_linear_ref
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler: the native kernels cannot be built")
+
+WIDTHS = (8, 6, 5, 4, 3, 2)
+
+
+@pytest.fixture(scope="module")
+def native():
+    from kernels.native import load_native
+
+    module = load_native()
+    best = module.current_isa()
+    yield module
+    module.set_isa(best)
+
+
+@pytest.fixture
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@dataclass
+class Case:
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    bias: torch.Tensor | None
+    widths: tuple[int, ...]
+    ranks: tuple[int, ...]
+    group_size: int
+
+    def args(self) -> tuple:
+        return (self.codes, self.scales, self.mins, self.lora_a, self.lora_b)
+
+    def layer(self, native):
+        bias = torch.empty(0) if self.bias is None else self.bias
+        return native.Layer(*self.args(), bias, list(self.widths), list(self.ranks), self.group_size)
+
+
+def make_case(gen: torch.Generator, n: int, k: int, group_size: int, ranks: tuple[int, ...], bias: bool = True,
+              widths: tuple[int, ...] = WIDTHS) -> Case:
+    r = max(ranks) if ranks else 0
+    w = len(widths)
+    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=gen)
+    scales = ((torch.rand(w, n, k // group_size, generator=gen) + 0.1) * 0.02).half()
+    scales = scales * torch.where(torch.rand(w, n, k // group_size, generator=gen) < 0.1, -1, 1).half()
+    mins = (torch.randn(w, n, k // group_size, generator=gen) * 0.5).half()
+    lora_a = (torch.randn(r, k, generator=gen) * 0.1).half()
+    lora_b = (torch.randn(n, r, generator=gen) * 0.1).half()
+    b = torch.randn(n, generator=gen) if bias else None
+    return Case(codes, scales, mins, lora_a, lora_b, b, widths, ranks, group_size)
+
+
+def activations(gen: torch.Generator, m: int, k: int) -> torch.Tensor:
+    x = torch.randn(m, k, generator=gen)
+    x[:, torch.randint(0, k, (max(1, k // 64),), generator=gen)] *= 20.0  # outlier columns, as in LLMs
+    return x
+
+
+def run(native, layer, x: torch.Tensor, row_bits: torch.Tensor | int, n: int) -> torch.Tensor:
+    out = torch.full((x.shape[0], n), float("nan"))
+    if isinstance(row_bits, int):
+        got = layer.forward(x, row_bits, out=out)
+    else:
+        got = layer.forward_rows(x, row_bits, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    return out
+
+
+def check(native, case: Case, x: torch.Tensor, row_bits: torch.Tensor | int) -> None:
+    """Every ISA path: fp32-close to the emulation, within the rounding bound of the exact reference."""
+    layer = case.layer(native)
+    n = case.codes.shape[0]
+    emu = elastic_linear_emulated(x, *case.args(), row_bits, case.widths, case.ranks, case.group_size, case.bias)
+    ref = elastic_linear_ref(x, *case.args(), row_bits, case.widths, case.ranks, case.group_size, case.bias)
+    mag = magnitude(x, *case.args(), row_bits, case.widths, case.ranks, case.group_size, case.bias)
+    bound = error_bound(x, case.codes, case.scales, row_bits, case.widths, case.group_size)
+    for isa in native.available_isas():
+        native.set_isa(isa)
+        got = run(native, layer, x, row_bits, n)
+        assert torch.isfinite(got).all(), f"{isa}: unwritten outputs"
+        err_emu = (got.double() - emu.double()).abs()
+        assert (err_emu <= 1e-5 * mag + 1e-6).all(), f"{isa}: max err vs emulation {err_emu.max():.3g}"
+        err_ref = (got.double() - ref.double()).abs()
+        assert (err_ref <= bound + 1e-5 * mag + 1e-6).all(), f"{isa}: max err vs reference {err_ref.max():.3g}"
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_every_width_and_group_size(native, gen, bits: int, group_size: int) -> None:
+    case = make_case(gen, n=37, k=group_size * 3, group_size=group_size, ranks=(0, 2, 4, 4, 6, 8))
+    for m in (1, 3, 6):  # decode rows, and more rows than one register block
+        check(native, case, activations(gen, m, case.codes.shape[1]), bits)
+
+
+@pytest.mark.parametrize("ranks", [(0, 0, 0, 0, 0, 0), (0, 1, 3, 5, 7, 16), (4, 4, 4, 4, 4, 4)])
+def test_adapter_ranks(native, gen, ranks: tuple[int, ...]) -> None:
+    case = make_case(gen, n=45, k=128, group_size=64, ranks=ranks, bias=False)
+    for bits in WIDTHS:
+        check(native, case, activations(gen, 2, 128), bits)
+
+
+def test_no_adapter_tensors(native, gen) -> None:
+    case = make_case(gen, n=20, k=64, group_size=32, ranks=(0,) * 6)
+    assert case.lora_a.shape == (0, 64)
+    check(native, case, activations(gen, 3, 64), 4)
+
+
+@pytest.mark.parametrize("m", [1, 5, 13, 40])
+def test_mixed_widths_per_row(native, gen, m: int) -> None:
+    case = make_case(gen, n=51, k=192, group_size=64, ranks=(0, 2, 2, 4, 8, 8))
+    row_bits = torch.tensor(WIDTHS)[torch.randint(0, len(WIDTHS), (m,), generator=gen)]
+    check(native, case, activations(gen, m, 192), row_bits)
+
+
+def test_prefill_rows_and_odd_sizes(native, gen) -> None:
+    case = make_case(gen, n=129, k=320, group_size=64, ranks=(0, 4, 4, 8, 8, 16))
+    x = activations(gen, 33, 320)
+    for bits in (8, 4, 2):
+        check(native, case, x, bits)
+
+
+def test_exact_when_activations_are_representable(native, gen) -> None:
+    """Activations that int8 per block represents exactly: the kernel equals the reference to fp32 rounding."""
+    case = make_case(gen, n=33, k=256, group_size=64, ranks=(0, 2, 4, 4, 6, 8))
+    m, k = 4, 256
+    ints = torch.randint(-127, 128, (m, k // 32, 32), generator=gen).float()
+    ints[:, :, 0] = 127.0  # every block reaches 127, so its step is exactly the power of two below
+    step = 2.0 ** torch.randint(-8, 2, (m, k // 32, 1), generator=gen).float()
+    x = (ints * step).view(m, k)
+    layer = case.layer(native)
+    for bits in WIDTHS:
+        ref = elastic_linear_ref(x, *case.args(), bits, case.widths, case.ranks, case.group_size, case.bias)
+        mag = magnitude(x, *case.args(), bits, case.widths, case.ranks, case.group_size, case.bias)
+        for isa in native.available_isas():
+            native.set_isa(isa)
+            got = run(native, layer, x, bits, 33)
+            err = (got.double() - ref.double()).abs()
+            assert (err <= 1e-5 * mag + 1e-6).all(), f"{isa} w{bits}: max err {err.max():.3g}"
+
+
+def test_lower_bits_are_not_read(native, gen) -> None:
+    """Width b gives bit-identical results when the 8-b low bits of every code are random: only b planes are read."""
+    case = make_case(gen, n=40, k=128, group_size=32, ranks=(0, 2, 4, 4, 6, 8))
+    x = activations(gen, 3, 128)
+    base = case.layer(native)
+    for bits in WIDTHS:
+        low = (1 << (8 - bits)) - 1
+        noise = torch.randint(0, 256, case.codes.shape, dtype=torch.uint8, generator=gen)
+        shuffled = Case(**{**case.__dict__, "codes": (case.codes & ~low) | (noise & low)})
+        assert bits == 8 or not torch.equal(shuffled.codes, case.codes)
+        other = shuffled.layer(native)
+        for isa in native.available_isas():
+            native.set_isa(isa)
+            assert torch.equal(run(native, base, x, bits, 40), run(native, other, x, bits, 40)), f"{isa} w{bits}"
+
+
+def test_planes_hold_b_of_8_bits(native, gen) -> None:
+    """The packed layout is bit-planes: width b reads b/8 of the code bytes."""
+    case = make_case(gen, n=32, k=64, group_size=32, ranks=(0,) * 6)
+    planes = case.layer(native).planes()
+    assert planes.shape == (8, 2, 2, 64) and planes.dtype == torch.uint8
+    top = (case.codes >> 7).sum()
+    assert int(sum(bin(v).count("1") for v in planes[0].flatten().tolist())) == int(top)
+
+
+def test_isa_paths_agree(native, gen) -> None:
+    case = make_case(gen, n=77, k=384, group_size=128, ranks=(0, 2, 4, 4, 6, 8))
+    x = activations(gen, 7, 384)
+    layer = case.layer(native)
+    outs = {}
+    for isa in native.available_isas():
+        native.set_isa(isa)
+        outs[isa] = torch.stack([run(native, layer, x, b, 77) for b in WIDTHS])
+    first = outs["generic"]
+    for isa, out in outs.items():
+        torch.testing.assert_close(out, first, rtol=1e-5, atol=1e-4, msg=lambda s: f"{isa}: {s}")
+
+
+def test_bf16_input_returns_bf16(native, gen) -> None:
+    case = make_case(gen, n=16, k=64, group_size=64, ranks=(0,) * 6)
+    x = activations(gen, 2, 64)
+    y = case.layer(native).forward(x.bfloat16(), 4)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 16)
+
+
+def test_bad_inputs_name_the_problem(native, gen) -> None:
+    case = make_case(gen, n=16, k=64, group_size=32, ranks=(0,) * 6)
+    layer = case.layer(native)
+    with pytest.raises(RuntimeError, match="width 7 is not stored"):
+        layer.forward(torch.randn(1, 64), 7)
+    with pytest.raises(RuntimeError, match="K=64"):
+        layer.forward(torch.randn(1, 32), 4)
+    with pytest.raises(RuntimeError, match="row_bits must be"):
+        layer.forward_rows(torch.randn(2, 64), torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        native.Layer(*case.args(), torch.empty(0), list(WIDTHS), [0] * 6, 16)
+    with pytest.raises(RuntimeError, match="not supported|unknown ISA"):
+        native.set_isa("sse9")
