@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+
+# The QUEPT_* variables of `quept serve` (issue 8 server contract); test_settings_contract.py
+# checks this list against the server's settings class once it exists.
+SERVE_ENV = {
+    "QUEPT_CHECKPOINT", "QUEPT_HOST", "QUEPT_PORT", "QUEPT_API_KEY", "QUEPT_MAX_QUEUE",
+    "QUEPT_MAX_MODEL_LEN", "QUEPT_POLICY", "QUEPT_BACKEND", "QUEPT_DRAIN_TIMEOUT_S",
+    "QUEPT_CACHE_DIR", "QUEPT_DEFAULT_PRECISION",
+}
+
+# Metric families of DESIGN.md §5 (with the `quept:` prefix, counters without `_total`).
+DESIGN_METRICS = {
+    "quept:num_requests_running": "gauge",
+    "quept:num_requests_waiting": "gauge",
+    "quept:kv_cache_usage_perc": "gauge",
+    "quept:prompt_tokens": "counter",
+    "quept:generation_tokens": "counter",
+    "quept:time_to_first_token_seconds": "histogram",
+    "quept:inter_token_latency_seconds": "histogram",
+    "quept:e2e_request_latency_seconds": "histogram",
+    "quept:request_success": "counter",
+    "quept:precision_switches": "counter",
+    "quept:requests_by_precision": "counter",
+}
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+def load_yaml_docs(path: Path) -> list[dict]:
+    yaml = pytest.importorskip("yaml")
+    with path.open() as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
