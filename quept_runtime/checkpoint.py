@@ -124,6 +124,9 @@ def write_checkpoint(
             },
         }
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1))
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a checkpoint is read by other users (containers)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,0 +1,160 @@
+"""The runtime commands of the `quept` CLI: build, generate, eval (`serve` is added by server.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from quept_runtime.errors import QueptError
+
+log = logging.getLogger("quept")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w.strip().lstrip("w")) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad width list {text!r}; expected e.g. 8,6,5,4,3,2") from None
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, Any]:
+    parser = argparse.ArgumentParser(prog="quept", description="Elastic-precision LLM serving")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build an elastic checkpoint from a source model")
+    b.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    b.add_argument("--source", type=Path, help="local HF LLaMA-family directory or GGUF file (default: SmolLM2-135M-Instruct)")
+    b.add_argument("--widths", type=_widths, default=(8, 6, 5, 4, 3, 2), help="stored widths, 8 first")
+    b.add_argument("--group-size", type=int, default=64, help="input columns per quantization group (must divide every K)")
+    b.add_argument("--ranks", help="adapter rank per width, e.g. 8:0,6:8,5:8,4:16,3:24,2:32")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+
+    g = sub.add_parser("generate", help="generate a completion for one prompt")
+    g.add_argument("prompt", help="user prompt (the chat template is applied when the model has one)")
+    g.add_argument("--checkpoint", required=True, type=Path)
+    g.add_argument("--precision", default="w8", help="w8..w2 or mixed:X")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--backend", default="auto", help="auto|torch|native|triton")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+
+    e = sub.add_parser("eval", help="perplexity table on wikitext-2 test.txt")
+    e.add_argument("--checkpoint", required=True, type=Path)
+    e.add_argument("--precision", default="w8,w6,w5,w4,w3,w2", help="comma list of w8..w2 or mixed:X")
+    e.add_argument("--windows", type=int, default=8, help="windows scored from the start of the file")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    e.add_argument("--file", type=Path, help="text file (default ../shared/data/wikitext-2/test.txt)")
+    e.add_argument("--baselines", choices=["all", "none"], default="all",
+                   help="also score the unquantized source and independent round-to-nearest per width")
+    e.add_argument("--json", type=Path, help="write results as JSON (and a PNG plot beside it)")
+    e.add_argument("--backend", default="auto")
+    return parser, sub
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from quept_runtime.builder import build_checkpoint, parse_ranks
+    from quept_runtime.source import load_source
+
+    ranks = parse_ranks(args.ranks, args.widths) if args.ranks else None
+    t0 = time.perf_counter()
+    source = load_source(args.source)
+    path = build_checkpoint(source, args.out, args.widths, args.group_size, ranks, overwrite=args.overwrite)
+    print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from quept_runtime.generate import generate
+    from quept_runtime.loader import load_model
+    from quept_runtime.sampler import SamplingParams
+
+    lm = load_model(args.checkpoint, backend=args.backend)
+    plan = lm.plan_for(args.precision)
+    if lm.tokenizer is None:
+        raise QueptError(f"{args.checkpoint} has no tokenizer files")
+    ids = list(lm.tokenizer(args.prompt)["input_ids"]) if args.raw else lm.encode_chat(args.prompt)
+    params = SamplingParams(temperature=args.temperature, seed=args.seed)
+    stop = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
+    result = generate(lm.model, ids, plan, args.max_tokens, params, stop_ids=stop)
+    text = lm.tokenizer.decode([t for t in result.tokens if t not in stop], skip_special_tokens=True)
+    print(text)
+    print(f"[{plan.name}: {len(result.tokens)} tokens, prefill {result.prefill_seconds * 1000:.0f} ms, "
+          f"decode {result.decode_tokens_per_second:.1f} tok/s, first-step (includes width switch) "
+          f"{result.step_seconds[0] * 1000:.0f} ms, load {lm.load_seconds:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from quept_runtime.evaluate import (default_eval_file, format_table, independent_rtn_model, plot_rows,
+                                        results_json, run_rows, token_windows)
+    from quept_runtime.loader import load_model
+    from quept_runtime.model import dense_model
+
+    lm = load_model(args.checkpoint, backend=args.backend)
+    specs = [s.strip() for s in args.precision.split(",") if s.strip()]
+    plans = [lm.plan_for(s) for s in specs]  # validate every spec before the slow work
+    path = args.file or default_eval_file()
+    windows = token_windows(lm.tokenizer, path, args.windows, args.seq_len)
+    protocol = {"file": str(path), "windows": args.windows, "seq_len": args.seq_len,
+                "tokens_scored": args.windows * (args.seq_len - 1), "group_size": lm.ckpt.group_size,
+                "checkpoint": str(args.checkpoint), "source": lm.ckpt.meta.get("source")}
+    jobs: list[tuple[str, str, float, Callable[[], Any]]] = []
+    source = None
+    if args.baselines == "all":
+        from quept_runtime.source import load_source
+
+        source = load_source(lm.ckpt.meta.get("source"))
+        jobs.append(("unquantized", "unquantized", 16.0, lambda: (dense_model(source.args, source.state), 8)))
+    method = lm.ckpt.meta.get("calibration") and "calibrated" or "nested"
+    for spec, plan in zip(specs, plans):
+        bits = plan.avg_bits or float(plan.uniform_bits or 8)
+        if source is not None and plan.uniform_bits is not None:
+            b = plan.uniform_bits
+            jobs.append((f"independent-rtn w{b}", "independent-rtn", float(b),
+                         lambda b=b: (independent_rtn_model(source.args, source.state, b, lm.ckpt.group_size), 8)))
+        kind = method if plan.uniform_bits is not None else "mixed"
+        row_bits = plan.uniform_bits if plan.uniform_bits is not None else plan.row_vector(lm.model.n_linears)
+        jobs.append((f"{kind} {plan.name}", kind, bits, lambda rb=row_bits: (lm.model, rb)))
+    rows = run_rows(windows, jobs)
+    print(f"perplexity on {path.name}: first {args.windows} windows of {args.seq_len} tokens")
+    print(format_table(rows))
+    if args.json:
+        command = "quept " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results_json(rows, protocol, command), indent=1))
+        plot_rows(rows, args.json.with_suffix(".png"), f"{Path(str(protocol['source'])).name}: perplexity vs width")
+        print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"build": cmd_build, "generate": cmd_generate, "eval": cmd_eval}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed runtime command; user errors print one line and exit 2, never a traceback."""
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (QueptError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, _ = build_parser()
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

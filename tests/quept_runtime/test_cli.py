@@ -1,0 +1,75 @@
+"""The runtime CLI: happy paths on a tiny checkpoint and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from quept_runtime.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_every_width_without_reloading(tiny_ckpt: Path, capsys) -> None:
+    for p in ("w8", "w4", "w2"):
+        code, out, err = run(capsys, "generate", "--checkpoint", str(tiny_ckpt), "--precision", p,
+                             "--max-tokens", "5", "--backend", "torch", "hello world")
+        assert code == 0, err
+        assert f"[{p}: " in err and out.strip() != ""
+
+
+def test_eval_writes_table_json_and_plot(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out_json = tmp_path / "r.json"
+    code, out, err = run(capsys, "eval", "--checkpoint", str(tiny_ckpt), "--precision", "w8,w2", "--windows", "2",
+                         "--seq-len", "32", "--file", str(text), "--baselines", "none", "--json", str(out_json),
+                         "--backend", "torch")
+    assert code == 0, err
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["nested w8", "nested w2"]
+    assert all(r["ppl"] > 1 for r in rows) and out_json.with_suffix(".png").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--precision", "w7"], "width 7 is not stored"),
+    (["--precision", "bf16"], "malformed precision 'bf16'"),
+    (["--max-tokens", "250"], "exceeds the context of 256 tokens"),
+])
+def test_generate_bad_inputs(tiny_ckpt: Path, capsys, args, message) -> None:
+    code, out, err = run(capsys, "generate", "--checkpoint", str(tiny_ckpt), "--backend", "torch", *args, "hello " * 10)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_prompt_longer_than_context(tiny_ckpt: Path, capsys) -> None:
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tiny_ckpt), "--backend", "torch", "--raw", "lazy dog " * 300)
+    assert code == 2 and "exceeds the context" in err
+
+
+def test_missing_checkpoint(tmp_path: Path, capsys) -> None:
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tmp_path / "none"), "hi")
+    assert code == 2 and "does not exist" in err
+
+
+def test_build_wrong_group_size(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    # a tiny HF directory as the source: K=64 and 128 are not divisible by 48
+    from tests.tiny import tiny_hf_model, tiny_tokenizer
+
+    src = tmp_path / "hf"
+    tiny_hf_model().save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    code, _, err = run(capsys, "build", "--source", str(src), "--out", str(tmp_path / "o"), "--group-size", "48")
+    assert code == 2 and "group size 48 does not divide K=64" in err
+    code, out, err = run(capsys, "build", "--source", str(src), "--out", str(tmp_path / "o"), "--group-size", "32")
+    assert code == 0 and (tmp_path / "o" / "elastic.json").is_file(), err
+
+
+def test_build_missing_source(tmp_path: Path, capsys) -> None:
+    code, _, err = run(capsys, "build", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "does not exist" in err
