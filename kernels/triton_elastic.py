@@ -355,6 +355,17 @@ def _check_act(x: torch.Tensor, k: int) -> None:
         raise ValueError("x must have unit stride along K")
 
 
+def _check_weights(planes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> None:
+    """The kernels index these as dense row-major arrays."""
+    for name, t in (("planes", planes), ("scales", scales), ("mins", mins)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (prepare them once at load)")
+    if planes.dtype != torch.int32 or planes.dim() != 3 or planes.shape[0] != N_PLANES:
+        raise ValueError(f"planes must be int32 [8, N, K/32], got {planes.dtype} {list(planes.shape)}")
+    if scales.shape != mins.shape or scales.shape[1] != planes.shape[1]:
+        raise ValueError(f"scales {list(scales.shape)} and mins {list(mins.shape)} must be [W, N={planes.shape[1]}, K/G]")
+
+
 def pack_bitplanes(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 codes [N, K] -> int32 bit-planes [8, N, K/32] (plane 0 = MSB); reference: pack_bitplanes_ref."""
     n, k = codes.shape
@@ -386,8 +397,9 @@ def decode_partials(
     _check_act(x, kw * PLANE_BITS)
     if m > 16:
         raise ValueError(f"the decode kernel takes at most 16 rows, got {m}")
+    _check_weights(planes, scales, mins)
     kernel, kmeta = _kernel_and_meta(_decode_kernel, meta, DEFAULT_DECODE_META)
-    lora = lora_a if r > 0 else planes  # never read when R == 0
+    lora = lora_a.contiguous() if r > 0 else planes  # never read when R == 0
 
     def grid(mt: dict[str, int]) -> tuple[int, int]:
         return (triton.cdiv(n, mt["BLOCK_N"]) + triton.cdiv(r, mt["BLOCK_N"]), split_k)
@@ -443,6 +455,7 @@ def prefill(
     m = x.shape[0]
     r = 0 if t is None else t.shape[1]
     _check_act(x, kw * PLANE_BITS)
+    _check_weights(planes, scales, mins)
     kernel, kmeta = _kernel_and_meta(_prefill_kernel, meta, DEFAULT_PREFILL_META)
 
     def grid(mt: dict[str, int]) -> tuple[int]:
