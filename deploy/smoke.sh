@@ -145,7 +145,8 @@ if [[ -n ${QUEPT_SMOKE_CHECKPOINT:-} ]]; then
   run_flags+=(-v "$(cd "$QUEPT_SMOKE_CHECKPOINT" && pwd):/checkpoint:ro")
 fi
 for kv in ${QUEPT_SMOKE_RUN_ENV:-}; do run_flags+=(-e "$kv"); done
-"${eng[@]}" run "${run_flags[@]}" "$tag" >/dev/null
+# (podman without systemd logs that it cannot schedule periodic health checks: harmless here)
+"${eng[@]}" run "${run_flags[@]}" "$tag" 2> >(grep -v "systemd connection" >&2) >/dev/null
 log "started container $id; waiting for http://127.0.0.1:$port/health (up to ${timeout_s}s)"
 
 t0=$(date +%s)

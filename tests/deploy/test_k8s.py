@@ -101,6 +101,8 @@ def test_service_selects_the_pods() -> None:
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
     names = {p["name"] for p in _container(dep)["ports"]}
     assert all(p["targetPort"] in names for p in svc["spec"]["ports"])
+    pdb = objs[("PodDisruptionBudget", "quept")]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
 def test_hpa_scales_on_queue_depth_through_the_adapter() -> None:
