@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,44 @@ def test_prometheus_configs_pass_promtool(config: str, tmp_path: Path) -> None:
     if r.returncode and "kubernetes_sd_configs not found" in r.stdout + r.stderr:
         pytest.skip("this promtool is built without Kubernetes service discovery (Debian's is)")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_check_dashboard_script_against_a_stub_prometheus(tmp_path: Path) -> None:
+    """deploy/check_dashboard.py substitutes Grafana variables, queries /api/v1/query for every
+    target and fails on a panel without data."""
+    import http.server
+    import threading
+    import urllib.parse
+
+    seen: list[str] = []
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)["query"][0]
+            seen.append(q)
+            result = [] if "precision_switches" in q else [{"metric": {"precision": "w4"}, "value": [0, "1.5"]}]
+            body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    script = [sys.executable, str(DEPLOY / "check_dashboard.py"), "--prometheus", url]
+    try:
+        r = subprocess.run(script, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "Precision switches" in r.stderr
+        out = tmp_path / "check.json"
+        r = subprocess.run(script + ["--allow-empty", "switches", "--json", str(out)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    finally:
+        srv.shutdown()
+    assert not any("$" in q for q in seen)
+    assert len(json.loads(out.read_text())["results"]) == len([q for q in queries(dashboard())
+                                                                if not q.startswith("label_values(")])
