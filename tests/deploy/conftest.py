@@ -29,6 +29,12 @@ DESIGN_METRICS = {
     "quept:precision_switches": "counter",
     "quept:requests_by_precision": "counter",
 }
+# Exported beyond DESIGN §5 (documented in server/metrics.py).
+SERVER_EXTRA_METRICS = {
+    "quept:num_preemptions": "counter",
+    "quept:request_queue_time_seconds": "histogram",
+    "quept:request_rejected": "counter",
+}
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import DEPLOY, DESIGN_METRICS
+from tests.deploy.conftest import DEPLOY, DESIGN_METRICS, SERVER_EXTRA_METRICS
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "quept.json"
 METRIC_RE = re.compile(r"\b(quept:[a-zA-Z0-9_:]+)")
@@ -43,10 +43,10 @@ def queries(dash: dict) -> list[str]:
 
 def family(name: str) -> tuple[str, str]:
     """quept:x_total -> ('quept:x', 'counter'); the family and type a sample name belongs to."""
-    for fam, kind in DESIGN_METRICS.items():
+    for fam, kind in (DESIGN_METRICS | SERVER_EXTRA_METRICS).items():
         if any(name == fam + s for s in SUFFIXES[kind]):
             return fam, kind
-    raise AssertionError(f"{name} is not a sample name of any DESIGN §5 metric")
+    raise AssertionError(f"{name} is not a sample name of any DESIGN §5 (or server/metrics.py) metric")
 
 
 def promql(expr: str) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import DESIGN_METRICS, REPO
+from tests.deploy.conftest import DESIGN_METRICS, REPO, SERVER_EXTRA_METRICS
 from tests.deploy.test_grafana import METRIC_RE, dashboard, queries
 
 DRAIN_S = 5
@@ -118,7 +118,7 @@ def test_dashboard_queries_match_live_metrics(server) -> None:
     assert {k.lower(): v for k, v in headers.items()}["x-precision"].startswith("w4")
 
     types, labels = _exposition(base)
-    for fam, kind in DESIGN_METRICS.items():  # DESIGN §5 families, with their types
+    for fam, kind in (DESIGN_METRICS | SERVER_EXTRA_METRICS).items():  # DESIGN §5 families and types
         assert types.get(fam) == kind, f"{fam}: {types.get(fam)} on /metrics, DESIGN says {kind}"
     for expr in queries(dashboard()):
         for name in METRIC_RE.findall(expr):
