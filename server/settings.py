@@ -1,0 +1,98 @@
+"""Server settings: `quept serve` flags, or environment variables with the `QUEPT_` prefix.
+
+Every field below can be set as `QUEPT_<FIELD>` (e.g. `QUEPT_API_KEY`, `QUEPT_MAX_QUEUE`,
+`QUEPT_DRAIN_TIMEOUT_S`); a command-line flag wins over the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BACKENDS = ("auto", "torch", "native", "triton")
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "quept"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUEPT_", extra="ignore", frozen=True, use_attribute_docstrings=True)
+
+    checkpoint: Path | None = None
+    """Checkpoint directory to serve. Unset: the default model, built on first use into `cache_dir`."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (`0.0.0.0` for every interface, e.g. in a container)."""
+
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port to listen on (0: any free port)."""
+
+    api_key: str | None = None
+    """When set, `/v1/*` requests need `Authorization: Bearer <api_key>` (401 otherwise)."""
+
+    max_queue: int = Field(64, ge=0)
+    """Requests allowed to wait beyond the `max_batch` running ones; more get 429 with Retry-After."""
+
+    max_model_len: int | None = Field(None, ge=1)
+    """Context limit for prompt + max_tokens (default: the model's own context)."""
+
+    policy: str = "fixed"
+    """Precision policy (controller): `fixed` runs what each request asks for."""
+
+    backend: str = "auto"
+    """Elastic-linear backend: auto | torch | native | triton."""
+
+    drain_timeout_s: float = Field(30.0, ge=0)
+    """On SIGTERM: stop admitting, let in-flight requests finish for at most this long, then exit."""
+
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    """Where the default checkpoint is built on first use (`<cache_dir>/smollm2-135m`)."""
+
+    default_precision: str = "w8"
+    """Precision of requests that ask for none (and of `auto` under the fixed policy)."""
+
+    kv_cache_mb: int = Field(512, ge=1)
+    """Memory budget of the paged KV cache in MiB (K and V of all layers)."""
+
+    max_batch: int = Field(16, ge=1)
+    """Sequences decoding together in one forward."""
+
+    max_batched_tokens: int = Field(512, ge=1)
+    """Rows per forward; longer prompts are prefilled in chunks of this size."""
+
+    block_size: int = Field(16, ge=1)
+    """Tokens per KV-cache block."""
+
+    cached_widths: int = Field(0, ge=0)
+    """torch backend: dense weights kept per width (0: every stored width, so mixed batches never rebuild)."""
+
+    model_name: str = "smollm2-135m"
+    """Name served in `/v1/models`; aliases `<model_name>@wB` select a precision."""
+
+    warmup: bool = True
+    """Run one forward at the default precision before reporting ready."""
+
+    log_level: str = "info"
+    """Log level of the server and uvicorn (debug, info, warning, error)."""
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, v: str) -> str:
+        if v not in BACKENDS:
+            raise ValueError(f"backend {v!r} is not one of {list(BACKENDS)}")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, v: str) -> str:
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        if v.lower() not in levels:
+            raise ValueError(f"log_level {v!r} is not one of {list(levels)}")
+        return v.lower()
+
+    def resolved_checkpoint(self) -> Path:
+        """The checkpoint to load: `checkpoint`, or the default model's path inside `cache_dir`."""
+        return self.checkpoint if self.checkpoint is not None else self.cache_dir / self.model_name

@@ -1,0 +1,142 @@
+"""The server's life cycle: loading (503), ready, draining (503), stopped; the engine it owns.
+
+Loading runs in a worker thread after the HTTP server is up, so `/health` answers 503 while a
+checkpoint loads (or the default model is built on first use). Draining (SIGTERM) stops
+admitting new requests; in-flight ones finish within `drain_timeout_s`; then the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import fcntl
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from quept_runtime.async_engine import AsyncEngine
+from quept_runtime.controller import make_controller
+from quept_runtime.engine import EngineConfig, LLMEngine
+from quept_runtime.sequence import GenerationRequest
+from server.metrics import ServerMetrics
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT_NAME = "smollm2-135m"
+
+
+class Status(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+def ensure_checkpoint(settings: Settings) -> Path:
+    """The checkpoint to serve; with none configured, build the default model into the cache once."""
+    if settings.checkpoint is not None:
+        return Path(settings.checkpoint)
+    path = Path(settings.cache_dir) / DEFAULT_CHECKPOINT_NAME
+    if (path / "elastic.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another server building the same checkpoint: wait for it
+        if not (path / "elastic.json").is_file():
+            from quept_runtime.builder import build_checkpoint
+            from quept_runtime.source import load_source
+
+            log.info("no checkpoint given: building the default model into %s (first use only)", path)
+            build_checkpoint(load_source(None), path, progress=True)
+    return path
+
+
+def load_for_serving(settings: Settings) -> Any:
+    """Load (building first if needed) the checkpoint with the configured backend."""
+    from quept_runtime.loader import load_model
+
+    loaded = load_model(ensure_checkpoint(settings), backend=settings.backend)
+    if loaded.tokenizer is None:
+        raise ValueError(f"checkpoint {loaded.ckpt.path} has no tokenizer files; the server needs one")
+    return loaded
+
+
+def configure_backend(loaded: Any, settings: Settings) -> None:
+    """torch backend: keep dense weights of `cached_widths` widths (0: all), so mixed batches never rebuild."""
+    backend = loaded.backend
+    if hasattr(backend, "max_cached_widths"):
+        backend.max_cached_widths = settings.cached_widths or len(loaded.widths)
+
+
+def warm_up(engine: LLMEngine, loaded: Any) -> None:
+    """One short generation at the default precision (materializes its weights before the first request)."""
+    ids = tuple(loaded.tokenizer("warm up")["input_ids"]) or (0,)
+    engine.add_request(GenerationRequest("warmup", ids, max_tokens=2, ignore_eos=True))
+    engine.run_to_completion()
+
+
+class ServerState:
+    def __init__(self, settings: Settings, loaded: Any = None) -> None:
+        self.settings = settings
+        self.status = Status.LOADING
+        self.error: str | None = None
+        self.loaded = loaded
+        self.engine: AsyncEngine | None = None
+        self.metrics = ServerMetrics()
+        self.on_fatal: Callable[[str], None] | None = None  # the CLI stops the server when loading fails
+        self.model_name = settings.model_name
+        self.max_model_len = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.status is Status.READY
+
+    async def load(self) -> None:
+        s = self.settings
+        try:
+            if self.loaded is None:
+                self.loaded = await asyncio.to_thread(load_for_serving, s)
+            loaded = self.loaded
+            configure_backend(loaded, s)
+            controller = make_controller(s.policy, loaded, s.default_precision)
+            config = EngineConfig(max_batch=s.max_batch, max_batched_tokens=max(s.max_batched_tokens, s.max_batch),
+                                  kv_cache_bytes=s.kv_cache_mb << 20, block_size=s.block_size,
+                                  max_model_len=s.max_model_len)
+            engine = LLMEngine.from_loaded(loaded, config, controller)
+            if s.warmup:
+                await asyncio.to_thread(warm_up, engine, loaded)
+            engine.observer = self.metrics
+            self.max_model_len = engine.max_model_len
+            self.engine = AsyncEngine(engine, s.max_queue)
+            self.engine.start(asyncio.get_running_loop())
+            self.metrics.bind(lambda: engine.scheduler.num_running, lambda: self.engine.num_waiting if self.engine else 0,
+                              lambda: engine.cache.usage)
+            if self.status is Status.LOADING:
+                self.status = Status.READY
+            log.info("ready: %s (%s backend, default precision %s, policy %s)", self.model_name,
+                     loaded.backend.name, controller.default_plan.name, controller.name)
+        except Exception as err:  # any load failure becomes a 503 with its message, and stops the CLI server
+            self.status = Status.FAILED
+            self.error = f"{type(err).__name__}: {err}"
+            log.error("loading failed: %s", self.error)
+            if self.on_fatal is not None:
+                self.on_fatal(self.error)
+
+    def begin_drain(self) -> None:
+        """Stop admitting (health turns 503); in-flight requests go on."""
+        if self.status in (Status.READY, Status.LOADING):
+            log.info("draining: no new requests; in-flight ones have %.0f s to finish", self.settings.drain_timeout_s)
+            self.status = Status.DRAINING
+        if self.engine is not None:
+            self.engine.stop_accepting()
+
+    async def shutdown(self) -> None:
+        self.begin_drain()
+        if self.engine is not None:
+            # uvicorn has already given in-flight HTTP requests `drain_timeout_s`; what is left has no client
+            if not await self.engine.drain(min(1.0, self.settings.drain_timeout_s)):
+                log.warning("drain timeout: aborting %d requests", self.engine.num_unfinished)
+            await self.engine.shutdown()
+        self.status = Status.STOPPED

@@ -1,0 +1,151 @@
+"""Life cycle: client disconnect frees KV blocks, the bounded queue answers 429, 503 while loading,
+SIGTERM drains in-flight requests and exits (through the real `quept serve` command)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from server import state as state_mod
+from tests.server.conftest import API_KEY, MODEL, LiveServer
+from tests.server.test_openai_api import metric
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def stream_request(max_tokens: int = 200, **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "hello world", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, **extra}
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_disconnect_mid_stream_frees_kv_blocks_and_counts_abort(server: LiveServer, slow_steps) -> None:
+    idle = metric(server, "quept:kv_cache_usage_perc")
+    aborted = metric(server, "quept:request_success_total", finished_reason="abort")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=stream_request(), headers=AUTH) as r:
+            assert r.status_code == 200
+            chunks = 0
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunks += 1
+                if chunks == 3:
+                    assert metric(server, "quept:kv_cache_usage_perc") > idle  # blocks held mid-generation
+                    break  # leaving the block closes the connection mid-generation
+    assert wait_for(lambda: metric(server, "quept:kv_cache_usage_perc") == idle)
+    assert metric(server, "quept:request_success_total", finished_reason="abort") == aborted + 1
+    assert metric(server, "quept:num_requests_running") == 0
+    assert server.engine.cache.num_free_blocks == server.engine.cache.num_blocks
+
+
+def test_disconnect_of_non_streaming_request_aborts(server: LiveServer, slow_steps) -> None:
+    aborted = metric(server, "quept:request_success_total", finished_reason="abort")
+    body = {**stream_request(), "stream": False}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=0.3)
+    assert wait_for(lambda: metric(server, "quept:request_success_total", finished_reason="abort") == aborted + 1)
+    assert wait_for(lambda: server.engine.cache.num_free_blocks == server.engine.cache.num_blocks)
+
+
+def test_full_queue_answers_429_with_retry_after(make_server) -> None:
+    srv = make_server(max_batch=1, max_queue=1)
+    engine = srv.engine
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.005), step())[1]
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            with http.stream("POST", "/v1/completions", json=stream_request()) as first, \
+                 http.stream("POST", "/v1/completions", json=stream_request()) as second:
+                assert first.status_code == 200 and second.status_code == 200  # running + queued
+                r = http.post("/v1/completions", json={**stream_request(), "stream": False})
+                assert r.status_code == 429, r.text
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["code"] == "queue_full"
+                assert metric(srv, "quept:num_requests_waiting") == 1
+                assert metric(srv, "quept:request_rejected_total", reason="queue_full") == 1
+        assert wait_for(lambda: srv.state.engine.num_unfinished == 0)
+        ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        del engine.step
+
+
+def test_503_while_loading_then_ready(make_server, monkeypatch, tiny_loaded) -> None:
+    release = threading.Event()
+
+    def slow_load(settings: Any) -> Any:
+        release.wait(30)
+        return tiny_loaded
+
+    monkeypatch.setattr(state_mod, "load_for_serving", slow_load)
+    srv = make_server(wait_ready=False, loaded=None)
+    health = httpx.get(srv.url + "/health")
+    assert health.status_code == 503 and health.json()["status"] == "loading"
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+    release.set()
+    assert wait_for(lambda: httpx.get(srv.url + "/health").status_code == 200, 30)
+    assert httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_sigterm_drains_in_flight_then_exits(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """`quept serve` configured from QUEPT_* variables: SIGTERM lets an in-flight stream finish."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUEPT_")}
+    env |= {"QUEPT_CHECKPOINT": str(tiny_ckpt), "QUEPT_PORT": "0", "QUEPT_BACKEND": "torch", "QUEPT_KV_CACHE_MB": "4",
+            "QUEPT_DRAIN_TIMEOUT_S": "20", "QUEPT_MODEL_NAME": MODEL, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO)}
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1"], env=env,
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def port() -> int | None:
+            for line in log.read_text().splitlines():
+                if "Uvicorn running on" in line:
+                    return int(line.rsplit(":", 1)[1].split()[0])
+            return None
+
+        assert wait_for(lambda: port() is not None or proc.poll() is not None, 90), log.read_text()
+        base = f"http://127.0.0.1:{port()}"
+        assert wait_for(lambda: httpx.get(base + "/health").status_code == 200, 60), log.read_text()
+        texts, finish = [], None
+        with httpx.stream("POST", base + "/v1/completions", json=stream_request(240), timeout=60) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    break
+                choice = json.loads(line[6:])["choices"][0]
+                texts.append(choice["text"])
+                finish = choice["finish_reason"] or finish
+                if len(texts) == 1:
+                    proc.send_signal(signal.SIGTERM)  # mid-generation
+        assert finish == "length", log.read_text()[-3000:]
+        code = proc.wait(30)
+        assert code in (0, -signal.SIGTERM), log.read_text()[-3000:]
+        assert "draining" in log.read_text()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(base + "/health")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
