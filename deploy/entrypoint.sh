@@ -3,9 +3,12 @@
 # A checkpoint mounted at /checkpoint is served when QUEPT_CHECKPOINT is not set; with neither,
 # the server builds the default model into $QUEPT_CACHE_DIR (a volume, so only once).
 set -eu
+# An empty QUEPT_* variable (e.g. compose's `${QUEPT_API_KEY:-}`) means "not set".
+for v in $(env | sed -n 's/^\(QUEPT_[A-Za-z0-9_]*\)=$/\1/p'); do
+  unset "$v"
+done
 if [ -z "${QUEPT_CHECKPOINT:-}" ] && [ -f /checkpoint/elastic.json ]; then
   export QUEPT_CHECKPOINT=/checkpoint
 fi
-[ -n "${QUEPT_CHECKPOINT:-}" ] || unset QUEPT_CHECKPOINT
 mkdir -p "${QUEPT_CACHE_DIR:-/data}" 2>/dev/null || true
 exec quept "$@"

@@ -166,7 +166,7 @@ EOF
   running=$("$engine" container inspect --format '{{.State.Running}}' "$id" 2>/dev/null || echo false)
   [[ $running == true ]] || die "container exited before /health answered 200"
   (( $(date +%s) - t0 > timeout_s )) && die "/health not 200 after ${timeout_s}s (last: $code)"
-  line=$("$engine" logs --tail 1 "$id" 2>&1 | tail -1 | cut -c1-150)
+  line=$("$engine" logs --tail 20 "$id" 2>&1 | tr '\r' '\n' | grep -v -e 'GET /health' -e '^[[:space:]]*$' | tail -1 | cut -c1-150 || true)
   [[ $line != "$last" ]] && { log "  health=$code  | $line"; last=$line; }
   sleep 3
 done
@@ -232,7 +232,7 @@ EOF
 
 # ------------------------------------------------------------------- graceful stop
 t0=$(date +%s)
-"${eng[@]}" stop -t 60 "$id" >/dev/null
+"${eng[@]}" stop -t 60 "$id" 2> >(grep -v "systemd connection" >&2) >/dev/null
 stop_s=$(( $(date +%s) - t0 ))
 exit_code=$("$engine" container inspect --format '{{.State.ExitCode}}' "$id")
 log "stopped in ${stop_s}s, exit code $exit_code"

@@ -111,3 +111,6 @@ def test_entrypoint_serves_a_mounted_checkpoint(tmp_path) -> None:
     (tmp_path / "ckpt" / "elastic.json").write_text("{}")
     assert run() == f"ckpt={tmp_path / 'ckpt'} args=serve"
     assert run(QUEPT_CHECKPOINT="/other") == "ckpt=/other args=serve"
+    (fake / "quept").write_text('#!/bin/sh\necho "key=${QUEPT_API_KEY-unset} len=${QUEPT_MAX_MODEL_LEN-unset}"\n')
+    assert run(QUEPT_API_KEY="", QUEPT_MAX_MODEL_LEN="") == "key=unset len=unset"  # empty = not set
+    assert run(QUEPT_API_KEY="k", QUEPT_MAX_MODEL_LEN="64") == "key=k len=64"
