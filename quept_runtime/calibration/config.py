@@ -1,0 +1,62 @@
+"""Calibration settings (one frozen dataclass; every field documented)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PROFILE_TARGETS: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
+DEFAULT_WIDTH_GROUPS: tuple[tuple[int, ...], ...] = ((8, 6), (5, 4), (3,), (2,))
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """How `quept build --calibrate` calibrates (defaults sized for ~45 min on 2 CPU cores, 135M model)."""
+
+    calib_file: Path | None = None
+    """text file the calibration samples come from (default ../shared/data/wikitext-2/valid.txt)"""
+    samples: int = 16
+    """calibration sequences (taken from the start of the file, consecutive, non-overlapping)"""
+    seq_len: int = 256
+    """tokens per calibration sequence"""
+    epochs: int = 1
+    """passes over the samples per block"""
+    batch: int = 1
+    """sequences per optimisation step"""
+    lr_affine: float = 2e-3
+    """Adam step for the per-width affines (scale*(1 + ds*2^(2-b)), min + scale*dm: step units)"""
+    lr_lora: float = 2e-4
+    """Adam step for the cascaded adapters"""
+    width_groups: tuple[tuple[int, ...], ...] = DEFAULT_WIDTH_GROUPS
+    """one width is sampled from each group per step (widths absent from the checkpoint are dropped)"""
+    tome_widths: tuple[int, ...] = (4, 2)
+    """low widths whose outputs MB-ToMe mixes into the next block's inputs (high width = 8)"""
+    tome_threshold: float = 0.95
+    """tokens whose low/high block updates agree (cosine) above this keep the high-width output"""
+    tome_max_mix: float = 0.5
+    """largest weight a disagreeing token gives the mean low-width output"""
+    search_importance: dict[int, float] = field(default_factory=lambda: {8: 4.0})
+    """per-width weight of the master-code search (others 1.0), in units of each width's step"""
+    codes: str = "nested"
+    """'nested' (stored format) or 'independent' (ablation only: per-width RTN codes, not storable)"""
+    train: bool = True
+    """False: master-code search and least-squares affines only (no block-wise training)"""
+    sens_tokens: int = 48
+    """tokens (one sequence) for the per-linear KL sensitivity table"""
+    profile_targets: tuple[float, ...] = DEFAULT_PROFILE_TARGETS
+    """average real bits per weight of the stored mixed profiles"""
+    ppl_windows: int = 1
+    """held-out windows (from the end of the calibration file) for the recorded perplexities"""
+    ppl_seq_len: int = 512
+    """tokens per held-out window"""
+    seed: int = 0
+    threads: int = 2
+    """torch threads"""
+    progress: bool = True
+
+    def record(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["calib_file"] = str(self.calib_file) if self.calib_file else None
+        d["search_importance"] = {str(k): v for k, v in self.search_importance.items()}
+        return d

@@ -1,0 +1,138 @@
+"""Step 1 of calibration: the nested master-code search (DESIGN §3.1).
+
+The 8-bit master code `c` of a weight serves every stored width `b` through its top `b` bits,
+`q_b = c >> (8 - b)`, with a per-width, per-group affine `w ≈ q_b * scale_b + min_b`. Nested
+round-to-nearest picks `c` for the 8-bit error alone; here `c` minimises the error summed over all
+stored widths,
+
+    cost(c) = sum_b  lam_b * (w - scale_b * (c >> (8 - b)) - min_b)^2 ,
+
+over the 8-bit codes near the 8-bit optimum (exact for the default weights, see `search_codes`). Codes and
+affines alternate: codes for fixed affines (search), then affines for fixed codes (weighted least
+squares per group, column weights = mean squared input activation, as in AWQ/GPTQ-style
+activation-aware fitting). `lam_b` puts every width in units of its own step (`1 / scale_b^2`),
+times a per-width importance (the 8-bit width is weighted up so that w8 stays faithful).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from quept_runtime.quantizer import quantize_nested
+
+_EPS = 1e-10
+DEFAULT_IMPORTANCE: dict[int, float] = {8: 4.0}  # others 1.0
+
+
+def fit_affine(
+    w: torch.Tensor, q: torch.Tensor, group_size: int, col_weight: torch.Tensor | None = None,
+    prev_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted least squares `w ≈ q * s + m` per group. w, q: [N, K]; col_weight: [K]. Returns s, m [N, K/G].
+
+    Degenerate groups (all codes equal) keep `prev_scale` (or 1) and fit the offset only.
+    """
+    n, k = w.shape
+    g = k // group_size
+    wg = w.float().view(n, g, group_size)  # [N, K/G, G]
+    qg = q.float().view(n, g, group_size)
+    h = torch.ones(g, group_size) if col_weight is None else col_weight.float().view(g, group_size)  # [K/G, G]
+    sw = h.sum(-1)  # [K/G]
+    sq = (h * qg).sum(-1)  # [N, K/G]
+    sqq = (h * qg * qg).sum(-1)
+    sy = (h * wg).sum(-1)
+    sqy = (h * qg * wg).sum(-1)
+    det = sw * sqq - sq * sq
+    ok = det > 1e-6 * (sw * sqq).clamp_min(_EPS)
+    s = torch.where(ok, (sw * sqy - sq * sy) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
+    fallback = torch.ones_like(s) if prev_scale is None else prev_scale.float()
+    s = torch.where(ok & (s > 0), s, fallback)
+    m = (sy - s * sq) / sw
+    return s, m
+
+
+def search_codes(
+    w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, widths: Sequence[int], group_size: int,
+    importance: dict[int, float] | None = None, radius: int = 1, rows: int = 256,
+) -> torch.Tensor:
+    """Master codes uint8 [N, K] minimising the weighted error over all widths for fixed affines [W, N, K/G].
+
+    Candidates are the 8-bit codes within `radius` of the 8-bit optimum: with the 8-bit width weighted
+    `importance[8]` (default 4) in step units, moving the 8-bit code by d costs >= 4 d^2 while the other
+    five widths can gain at most ~2.25 units each, so the exact optimum lies within |d| <= 2
+    (radius 1, the default, is what fits the CPU time budget; it changes the errors by < 1%).
+    """
+    imp = {**DEFAULT_IMPORTANCE, **(importance or {})}
+    n, k = w.shape
+    g = k // group_size
+    i8 = list(widths).index(8)
+    out = torch.empty(n, k, dtype=torch.uint8)
+    for r0 in range(0, n, rows):
+        wg = w[r0 : r0 + rows].float().view(-1, g, group_size)  # [n, K/G, G]
+        s = scales[:, r0 : r0 + rows].float().clamp_min(_EPS).unsqueeze(-1)  # [W, n, K/G, 1]
+        u = (wg.unsqueeze(0) - mins[:, r0 : r0 + rows].float().unsqueeze(-1)) / s  # [W, n, K/G, G] position in steps
+        c8 = torch.round(u[i8]).clamp_(0, 255)
+        best, best_cost = c8, None
+        for d in range(-radius, radius + 1):
+            c = (c8 + d).clamp_(0, 255)
+            cost = torch.zeros_like(c)
+            for i, b in enumerate(widths):
+                q = torch.floor(c * 2.0 ** (b - 8))  # nested slice c >> (8-b), exact in fp32
+                cost += imp.get(b, 1.0) * (u[i] - q) ** 2
+            if best_cost is None:
+                best, best_cost = c, cost
+            else:
+                better = cost < best_cost
+                best = torch.where(better, c, best)
+                best_cost = torch.minimum(cost, best_cost)
+        out[r0 : r0 + rows] = best.view(-1, k).to(torch.uint8)
+    return out
+
+
+def nested_codes_float(codes: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
+    """q_b = codes >> (8-b) as fp32, stacked [W, N, K]."""
+    c = codes.to(torch.int64)
+    return torch.stack([(c >> (8 - b)).float() for b in widths])
+
+
+def fit_all_affines(
+    w: torch.Tensor, codes: torch.Tensor, widths: Sequence[int], group_size: int,
+    col_weight: torch.Tensor | None = None, prev_scales: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares affine of every width for fixed codes: scales, mins [W, N, K/G]."""
+    c = codes.to(torch.int64)
+    ss, ms = [], []
+    for i, b in enumerate(widths):
+        s, m = fit_affine(w, (c >> (8 - b)).float(), group_size, col_weight,
+                          None if prev_scales is None else prev_scales[i])
+        ss.append(s)
+        ms.append(m)
+    return torch.stack(ss), torch.stack(ms)
+
+
+def master_code_search(
+    w: torch.Tensor, widths: Sequence[int], group_size: int, col_weight: torch.Tensor | None = None,
+    iters: int = 1, importance: dict[int, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alternate affines (weighted LS) and codes (search). Returns codes uint8 [N,K], scales, mins fp32 [W,N,K/G]."""
+    codes, scales, mins = quantize_nested(w, widths, group_size)  # centre-of-bin start
+    scales, mins = fit_all_affines(w, codes, widths, group_size, col_weight, scales)
+    for _ in range(iters):
+        codes = search_codes(w, scales, mins, widths, group_size, importance)
+        scales, mins = fit_all_affines(w, codes, widths, group_size, col_weight, scales)
+    return codes, scales, mins
+
+
+def reconstruction_mse(
+    w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, widths: Sequence[int],
+    group_size: int, col_weight: torch.Tensor | None = None,
+) -> dict[int, float]:
+    """Per width, the (column-weighted) mean squared weight error."""
+    n, k = w.shape
+    q = nested_codes_float(codes, widths).view(len(widths), n, k // group_size, group_size)
+    deq = (q * scales.unsqueeze(-1) + mins.unsqueeze(-1)).view(len(widths), n, k)
+    h = torch.ones(k) if col_weight is None else col_weight.float()
+    err = ((deq - w.float()) ** 2 * h).mean(dim=(1, 2)) / h.mean()
+    return {b: float(e) for b, e in zip(widths, err)}

@@ -1,0 +1,134 @@
+"""Calibration on a tiny random model: loss goes down, prefix ranks hold, the checkpoint reloads exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.reference import elastic_linear_ref
+from quept_runtime.calibration import CalibConfig
+from quept_runtime.calibration.driver import calibrate_checkpoint, calibrate_layers
+from quept_runtime.calibration.master_codes import master_code_search, reconstruction_mse
+from quept_runtime.calibration.sensitivity import effective_weight
+from quept_runtime.calibration.tome import mb_tome
+from quept_runtime.quantizer import quantize_nested
+from tests.tiny import tiny_source
+
+WIDTHS = (8, 6, 5, 4, 3, 2)
+RANKS = {8: 0, 6: 8, 5: 8, 4: 16, 3: 24, 2: 32}
+TEXT = "The capital of France is Paris. The quick brown fox jumps over the lazy dog. hello world 0123. " * 120
+
+
+def tiny_cfg(tmp: Path, **kw) -> CalibConfig:
+    f = tmp / "calib.txt"
+    f.write_text(TEXT)
+    base = dict(calib_file=f, samples=4, seq_len=32, epochs=2, batch=2, sens_tokens=16, ppl_windows=1,
+                ppl_seq_len=32, progress=False, threads=1)
+    base.update(kw)
+    return CalibConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cal")
+    return calibrate_checkpoint(tiny_source(), tmp / "ck", group_size=32, cfg=tiny_cfg(tmp))
+
+
+def test_master_code_search_beats_nested_rtn_over_all_widths():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) * 0.05
+    c0, s0, m0 = quantize_nested(w, WIDTHS, 32)
+    c1, s1, m1 = master_code_search(w, WIDTHS, 32)
+    e0, e1 = reconstruction_mse(w, c0, s0, m0, WIDTHS, 32), reconstruction_mse(w, c1, s1, m1, WIDTHS, 32)
+    assert c1.dtype == torch.uint8 and c1.shape == w.shape
+    assert sum(e1.values()) < sum(e0.values())
+    assert all(e1[b] <= e0[b] * 1.02 for b in WIDTHS), (e0, e1)  # no width pays for the others
+    assert e1[8] <= e0[8]  # w8 stays faithful
+
+
+def test_block_loss_goes_down(tmp_path):
+    src = tiny_source()
+    cfg = tiny_cfg(tmp_path, epochs=4)
+    samples = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    res = calibrate_layers(src, samples, WIDTHS, 32, RANKS, cfg)
+    for rec in res.block_losses:
+        hist = rec["loss_per_epoch"]
+        assert hist[-1] < hist[0], rec
+    trained = res.layers["model.layers.0.mlp.down_proj"]
+    assert trained.lora_b.abs().sum() > 0  # the adapters were trained
+
+
+def test_prefix_ranks_are_respected(tmp_path):
+    src = tiny_source()
+    res = calibrate_layers(src, torch.randint(0, 300, (2, 16)), WIDTHS, 32, RANKS, tiny_cfg(tmp_path, epochs=1))
+    layer = res.layers["model.layers.1.self_attn.q_proj"]
+    x = torch.randn(5, layer.qf.shape[2])
+    with torch.no_grad():
+        ref = [layer(x, i) for i in range(len(WIDTHS))]
+        layer.lora_a[RANKS[4]:] += 1.0  # rows beyond r_4 = 16 must not touch w8 .. w4
+        layer.lora_b[:, RANKS[4]:] += 1.0  # nor columns beyond r_4
+        for i, b in enumerate(WIDTHS):
+            out = layer(x, i)
+            if b in (8, 6, 5, 4):
+                assert torch.equal(out, ref[i]), b
+            else:
+                assert not torch.equal(out, ref[i]), b
+        layer.lora_a[: RANKS[6]] += 1.0  # w8 has rank 0: no adapter row touches it
+        assert torch.equal(layer(x, 0), ref[0])
+        assert not torch.equal(layer(x, 1), ref[1])
+
+
+def test_checkpoint_reloads_bit_identical(calibrated: Path):
+    from quept_runtime.evaluate import window_nll
+    from quept_runtime.loader import load_model
+
+    a, b = load_model(calibrated, backend="torch"), load_model(calibrated, backend="torch")
+    torch.set_grad_enabled(True)
+    tokens = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(1))
+    for bits in WIDTHS:
+        assert window_nll(a.model, tokens, bits) == window_nll(b.model, tokens, bits)
+    w = a.ckpt.elastic["model.layers.0.mlp.up_proj"]
+    x = torch.randn(3, w.in_features)
+    for bits in WIDTHS:  # the stored tensors give the reference contract exactly
+        ref = elastic_linear_ref(x, w.codes, w.scales, w.mins, w.lora_a, w.lora_b, bits, w.widths, w.ranks, w.group_size)
+        assert torch.allclose(ref, x @ effective_weight(w, bits).t(), atol=1e-5)
+
+
+def test_calibration_record_and_profiles(calibrated: Path):
+    meta = json.loads((calibrated / "elastic.json").read_text())
+    rec = meta["calibration"]
+    for key in ("data", "samples", "seq_len", "seconds", "perplexity", "memory"):
+        assert key in rec
+    assert set(rec["perplexity"]) >= {f"w{b}" for b in WIDTHS}
+    assert rec["memory"]["codes_bytes"] > 0 and rec["memory"]["adapter_bytes"] > 0
+    assert len(meta["profiles"]) == 7
+    for name, prof in meta["profiles"].items():
+        assert prof["avg_bits"] <= prof["target"] + 1e-9 and prof["ppl"] > 0
+        assert len(prof["per_linear"]) == len(meta["sensitivity"]["linears"])
+    assert not list(calibrated.parent.glob(".ck.calib-*"))  # no staging directory left
+
+
+def test_interrupt_leaves_no_checkpoint(tmp_path, monkeypatch):
+    import quept_runtime.calibration.driver as driver
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "measure_heldout", boom)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_checkpoint(tiny_source(), tmp_path / "ck", group_size=32, cfg=tiny_cfg(tmp_path, epochs=1))
+    assert not (tmp_path / "ck").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["calib.txt"]
+
+
+def test_mb_tome_keeps_agreeing_tokens():
+    x = torch.zeros(1, 3, 4)
+    hi = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]])
+    lo = hi.clone()
+    lo[0, 2] = torch.tensor([0, 0, -1.0, 0])  # the last token disagrees
+    mixed, frac = mb_tome(x, hi, [lo])
+    assert torch.equal(mixed[0, :2], hi[0, :2]) and not torch.equal(mixed[0, 2], hi[0, 2])
+    assert abs(frac - 1 / 3) < 1e-6
