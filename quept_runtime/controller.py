@@ -95,6 +95,13 @@ class Controller(ABC):
     def observe(self, seq: "Sequence", logits: torch.Tensor) -> None:
         """Called with the logits [V] each sampled row of `seq` produced (only when `needs_logits`)."""
 
+    def end_step(self, num_rows: int, seconds: float) -> None:
+        """Called once per engine step after it ran: its rows and measured seconds (cost models learn here)."""
+
+    def report(self) -> dict[str, Any] | None:
+        """The policy's state for GET /v1/precisions (e.g. the load policy's cost model); None: nothing to add."""
+        return None
+
 
 class FixedPolicy(Controller):
     """Runs what the request asked for; `auto` means the server default within the request's bounds."""
@@ -132,5 +139,7 @@ def register_policy(name: str, factory: PolicyFactory) -> None:
 
 def make_controller(name: str, model: PlanSource, default_precision: str = "w8", **options: Any) -> Controller:
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+        import quept_runtime.policies  # noqa: F401  (registers load, entropy, load+entropy)
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES, key=lambda n: (n != 'fixed', n))}")
     return POLICIES[name](model, default_precision, **options)

@@ -202,7 +202,10 @@ class LLMEngine:
         tokens = self.sample(batch, logits)
         outputs = self.update(batch, plans, tokens)
         self.step_count += 1
-        self.observer.on_step(self.stats(), batch.num_rows, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if self.controller is not None:
+            self.controller.end_step(batch.num_rows, seconds)
+        self.observer.on_step(self.stats(), batch.num_rows, seconds)
         return outputs
 
     def schedule(self) -> SchedulerOutput:
@@ -228,6 +231,8 @@ class LLMEngine:
         for s in batch.scheduled:
             decision = ctl.step_plan(s.seq, ctx)
             if decision.plan != s.seq.plan:
+                log.debug("switch %s: %s -> %s (policy %s, reason %s, token %d)", s.seq.request_id, s.seq.plan.name,
+                          decision.plan.name, ctl.name, decision.reason, s.seq.num_output)
                 self.observer.on_switch(ctl.name, decision.reason, s.seq, s.seq.plan, decision.plan)
                 s.seq.plan = decision.plan
             plans.append(s.seq.plan)
