@@ -7,6 +7,7 @@ Every field below can be set as `QUEPT_<FIELD>` (e.g. `QUEPT_API_KEY`, `QUEPT_MA
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,7 +41,44 @@ class Settings(BaseSettings):
     """Context limit for prompt + max_tokens (default: the model's own context)."""
 
     policy: str = "fixed"
-    """Precision policy (controller): `fixed` runs what each request asks for."""
+    """Precision policy (controller): `fixed` runs what each request asks for; `load` moves the default plan of
+    `auto` requests with the load against the SLOs; `entropy` steps tokens up on high next-token entropy;
+    `load+entropy` both."""
+
+    slo_itl_ms: float = Field(100.0, gt=0)
+    """load policy: inter-token latency objective (ms); the default is the best plan predicted to meet it at p95."""
+
+    slo_ttft_ms: float | None = Field(None, gt=0)
+    """load policy: optional time-to-first-token objective (ms) for the newest waiting request."""
+
+    load_plans: str = ""
+    """load policy: candidate plans, e.g. `w8,w6,mixed:5,w4` (empty: stored widths and profiles from `load_floor`
+    up to `default_precision`)."""
+
+    load_floor: str = "w4"
+    """load policy: the lowest width the default moves to."""
+
+    load_dwell_s: float = Field(2.0, ge=0)
+    """load policy: minimum seconds between two changes of the default plan."""
+
+    load_hysteresis: float = Field(0.15, ge=0, lt=1)
+    """load policy: a higher plan is taken only when predicted below (1 - this) x SLO."""
+
+    profile_batches: str = ""
+    """load policy: batch sizes profiled at start-up, e.g. `1,4,16` (empty: powers of two up to max_batch)."""
+
+    entropy_threshold: float | None = Field(None, ge=0)
+    """entropy policies: step up above this next-token entropy (nats). Unset: the checkpoint's calibration
+    (elastic.json `entropy_policy`), else a quick calibration on valid.txt at start-up."""
+
+    entropy_low: str = "w4"
+    """entropy policies: the plan quiet tokens run at."""
+
+    entropy_high: str = ""
+    """entropy policy: the plan uncertain tokens step up to (empty: `default_precision`)."""
+
+    entropy_window: int = Field(4, ge=1)
+    """entropy policies: quiet tokens in a row before a sequence steps back down."""
 
     backend: str = "auto"
     """Elastic-linear backend: auto | torch | native | triton."""
@@ -77,6 +115,14 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
     """Log level of the server and uvicorn (debug, info, warning, error)."""
+
+    def policy_options(self) -> dict[str, Any]:
+        """Options for `make_controller` (quept_runtime.policies.PolicyConfig); `fixed` takes none."""
+        if self.policy == "fixed":
+            return {}
+        names = ("slo_itl_ms", "slo_ttft_ms", "load_plans", "load_floor", "load_dwell_s", "load_hysteresis",
+                 "profile_batches", "entropy_threshold", "entropy_low", "entropy_high", "entropy_window", "max_batch")
+        return {n: getattr(self, n) for n in names}
 
     @field_validator("backend")
     @classmethod
