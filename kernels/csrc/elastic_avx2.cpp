@@ -34,6 +34,15 @@ inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// prefetcht0 by hand: GCC 12 drops _mm_prefetch / __builtin_prefetch inside `#pragma GCC target` code.
+inline void prefetch(const void* p) { __asm__ __volatile__("prefetcht0 (%0)" : : "r"(p)); }
+
+// The adapter columns of a tile are a short strided read the hardware prefetchers miss.
+inline void prefetch_adapter(const LayerView& L, const Segment& seg, int64_t t) {
+    const char* lb = (const char*)(L.lora_b + t * L.rank_max * kTileRows);
+    for (int64_t off = 0; off < seg.rank * kTileRows * 2; off += 64) prefetch(lb + off);
+}
+
 inline __m256 load_half8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 
 // Codes of width B for half h (rows 8h..8h+7) of tile t into qbuf[c][i][32]: byte r*4+j of
@@ -182,9 +191,14 @@ void tile_segment(const LayerView& L, const ActView& A, const Segment& seg, int6
 
 void tiles_avx2(const LayerView& L, const ActView& A, const Segment* segs, int n_segs, int64_t t0, int64_t t1,
                 uint8_t* scratch) {
+    constexpr int64_t kAhead = 2;
+    for (int s = 0; s < n_segs; ++s) {
+        for (int64_t t = t0; t < t0 + kAhead && t < t1; ++t) prefetch_adapter(L, segs[s], t);
+    }
     for (int64_t t = t0; t < t1; ++t) {
         for (int s = 0; s < n_segs; ++s) {
             const Segment& seg = segs[s];
+            if (t + kAhead < t1) prefetch_adapter(L, seg, t + kAhead);
             switch (seg.bits) {
                 case 1: tile_segment<1>(L, A, seg, t, scratch); break;
                 case 2: tile_segment<2>(L, A, seg, t, scratch); break;

@@ -10,6 +10,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <atomic>
 #include <cstdint>
@@ -18,6 +20,10 @@
 #include <vector>
 
 #include "elastic_common.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace quept {
 namespace {
@@ -68,10 +74,89 @@ uint8_t* thread_buffer(std::vector<uint8_t>& buf, size_t bytes) {
     return reinterpret_cast<uint8_t*>((p + 63) & ~uintptr_t(63));
 }
 
+// Packed layers live in large zeroed chunks backed by transparent huge pages where the OS allows:
+// decode streams through ~all weights once per token, and with 4 KiB pages every layer's every
+// stream would cost TLB misses. A chunk is unmapped when the last tensor inside it is freed.
+class Arena {
+   public:
+    torch::Tensor empty(c10::IntArrayRef sizes, torch::ScalarType dtype) {
+        int64_t numel = 1;
+        for (int64_t s : sizes) numel *= s;
+        const size_t bytes = ((size_t)numel * c10::elementSize(dtype) + 63) & ~size_t(63);
+        std::shared_ptr<Chunk> chunk;
+        uint8_t* ptr = nullptr;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            if (!cur_ || used_ + bytes > cur_->size) {
+                auto fresh = std::make_shared<Chunk>(std::max(kChunkBytes, (bytes + kHuge - 1) & ~(kHuge - 1)));
+                if (!fresh->base) return torch::zeros(sizes, torch::dtype(dtype));
+                if (bytes >= kChunkBytes / 2 && cur_) {  // big tensor: own chunk, keep filling the current one
+                    return wrap(fresh, fresh->base, sizes, dtype);
+                }
+                cur_ = fresh;
+                used_ = 0;
+            }
+            chunk = cur_;
+            ptr = cur_->base + used_;
+            used_ += bytes;
+        }
+        return wrap(chunk, ptr, sizes, dtype);
+    }
+
+   private:
+    static constexpr size_t kHuge = size_t(2) << 20;
+    static constexpr size_t kChunkBytes = size_t(32) << 20;
+
+    struct Chunk {
+        uint8_t* base = nullptr;
+        size_t size = 0;
+        explicit Chunk(size_t n) : size(n) {
+#if defined(__linux__)
+            void* p = mmap(nullptr, n + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (p == MAP_FAILED) return;
+            map_ = p;
+            base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1));
+            madvise(base, n, MADV_HUGEPAGE);  // best effort (THP "madvise" or "always")
+#endif
+        }
+        ~Chunk() {
+#if defined(__linux__)
+            if (map_) munmap(map_, size + kHuge);
+#endif
+        }
+        Chunk(const Chunk&) = delete;
+        Chunk& operator=(const Chunk&) = delete;
+
+       private:
+        void* map_ = nullptr;
+    };
+
+    static torch::Tensor wrap(const std::shared_ptr<Chunk>& chunk, uint8_t* ptr, c10::IntArrayRef sizes,
+                              torch::ScalarType dtype) {
+        std::shared_ptr<Chunk> keep = chunk;  // freed with the last tensor in the chunk
+        return torch::from_blob(ptr, sizes, [keep](void*) mutable { keep.reset(); }, torch::dtype(dtype));
+    }
+
+    std::mutex mu_;
+    std::shared_ptr<Chunk> cur_;
+    size_t used_ = 0;
+};
+
+Arena& arena() {
+    static Arena* a = new Arena();  // never destroyed: tensors may outlive static destruction
+    return *a;
+}
+
+torch::Tensor arena_copy(const torch::Tensor& src) {
+    auto dst = arena().empty(src.sizes(), src.scalar_type());
+    dst.copy_(src);
+    return dst;
+}
+
 // codes uint8 [N, K] -> planes uint8 [8][n_tiles][n_chunks][64] (layout in elastic_common.h).
 torch::Tensor pack_planes(const torch::Tensor& codes, int64_t n_tiles) {
     const int64_t N = codes.size(0), K = codes.size(1), n_chunks = K / kChunk;
-    auto planes = torch::zeros({8, n_tiles, n_chunks, kBlockBytes}, torch::kUInt8);
+    auto planes = arena().empty({8, n_tiles, n_chunks, kBlockBytes}, torch::kUInt8);  // zeroed
     const uint8_t* src = codes.data_ptr<uint8_t>();
     uint8_t* dst = planes.data_ptr<uint8_t>();
     const int64_t plane_stride = n_tiles * n_chunks * kBlockBytes;
@@ -139,18 +224,18 @@ class Layer {
         const int64_t n_tiles = (N + kTileRows - 1) / kTileRows;
         auto c = codes.contiguous();
         planes_ = pack_planes(c, n_tiles);
-        scales_ = tile_rows(scales, n_tiles);  // [W, n_tiles, K/G, 16]
-        mins_ = tile_rows(mins, n_tiles);
+        scales_ = arena_copy(tile_rows(scales, n_tiles));  // [W, n_tiles, K/G, 16]
+        mins_ = arena_copy(tile_rows(mins, n_tiles));
         if (R > 0) {
-            lora_a_ = lora_a.to(torch::kHalf).contiguous();
-            lora_b_ = tile_rows(lora_b, n_tiles);  // [n_tiles, R, 16]
+            lora_a_ = arena_copy(lora_a.to(torch::kHalf));
+            lora_b_ = arena_copy(tile_rows(lora_b, n_tiles));  // [n_tiles, R, 16]
         } else {
-            lora_a_ = torch::zeros({1, K}, torch::kHalf);
-            lora_b_ = torch::zeros({n_tiles, 1, kTileRows}, torch::kHalf);
+            lora_a_ = arena().empty({1, K}, torch::kHalf);
+            lora_b_ = arena().empty({n_tiles, 1, kTileRows}, torch::kHalf);
         }
         if (bias.numel() > 0) {
             TORCH_CHECK(bias.numel() == N, "bias must have N=", N, " entries");
-            bias_ = torch::zeros({n_tiles * kTileRows}, torch::kFloat);
+            bias_ = arena().empty({n_tiles * kTileRows}, torch::kFloat);  // zeroed
             bias_.narrow(0, 0, N).copy_(bias.reshape({N}));
         }
         L_.planes = planes_.data_ptr<uint8_t>();
@@ -267,6 +352,11 @@ class Layer {
         if (isa == kAvx2) tiles_fn = tiles_avx2;
         if (isa == kAvx512) tiles_fn = tiles_avx512;
 #endif
+        // The adapter rows are read first, by one thread: ask for all of them at once.
+        int rank_used = 0;
+        for (int i = 0; i < n_segs; ++i) rank_used = std::max(rank_used, segs[i].rank);
+        const char* a_bytes = reinterpret_cast<const char*>(L_.lora_a);
+        for (int64_t off = 0; off < (int64_t)rank_used * K * 2; off += 64) __builtin_prefetch(a_bytes + off, 0, 3);
         const float* xp = x.data_ptr<float>();
         const int64_t row_work = K * (1 + L_.rank_max);
         at::parallel_for(0, M, std::max<int64_t>(1, 65536 / row_work), [&](int64_t m0, int64_t m1) {
