@@ -246,6 +246,7 @@ def _precisions(state: ServerState) -> dict[str, Any]:
         "calibration": calib or None,
         "spec": "wB | mixed:X | auto[;min=wA;max=wB]",
         "precedence": ["header X-Precision", "body precision", "model alias NAME@SPEC", "server default"],
+        "controller": ctl.report() if ctl else None,  # e.g. the load policy's cost model (ms per plan and batch)
     }
 
 

@@ -16,11 +16,15 @@ Deployment (dashboards, autoscaling) depends on these exact names:
     quept:num_preemptions_total                 counter  sequences preempted for KV blocks
     quept:request_queue_time_seconds            histogram  arrival to admission
     quept:request_rejected_total{reason}        counter  queue_full | draining (429/503 answers)
+    quept:default_precision_bits                gauge    real bits per weight of the plan `auto` requests get now
+    quept:predicted_inter_token_latency_seconds gauge    load policy: predicted ITL of that plan at the expected batch
+    quept:generation_tokens_by_width_total{width} counter generated tokens by stored width (mixed plans split
+                                                         by each width's share of the weights)
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -66,12 +70,42 @@ class ServerMetrics(EngineObserver):
             self.success.labels(finished_reason=reason.value)
         for reason in ("queue_full", "draining"):
             self.rejected.labels(reason=reason)
+        self.default_bits = Gauge(f"{p}default_precision_bits", "Real bits per weight of the plan auto requests get now.",
+                                  registry=r)
+        self.predicted_itl = Gauge(f"{p}predicted_inter_token_latency_seconds",
+                                   "Load policy: predicted ITL of the default plan at the expected batch (NaN otherwise).",
+                                   registry=r)
+        self.width_tokens = Counter(f"{p}generation_tokens_by_width", "Generated tokens by stored width "
+                                    "(a mixed-plan token counts by each width's share of the weights).", ["width"],
+                                    registry=r)
+        self._width_shares: Callable[[str], dict[int, float]] | None = None
 
     def bind(self, running: Callable[[], float], waiting: Callable[[], float], kv_usage: Callable[[], float]) -> None:
         """Read the gauges live from the engine at scrape time (always current, also when idle)."""
         self.num_running.set_function(running)
         self.num_waiting.set_function(waiting)
         self.kv_usage.set_function(kv_usage)
+
+    def bind_controller(self, controller: Any) -> None:
+        """The precision policy's view: default plan gauge, predicted ITL (load policy), tokens per width."""
+        from quept_runtime.errors import PrecisionError
+        from quept_runtime.policies.plans import plan_bits, width_shares
+
+        self.default_bits.set_function(lambda: plan_bits(controller.default_plan))
+        self.predicted_itl.set_function(lambda: float(getattr(controller, "predicted_itl_s", float("nan"))))
+        shares: dict[str, dict[int, float]] = {}
+
+        def lookup(name: str) -> dict[int, float]:
+            if name not in shares:
+                try:
+                    shares[name] = width_shares(controller.model, name)
+                except (PrecisionError, ValueError, ImportError):
+                    shares[name] = {}
+            return shares[name]
+
+        self._width_shares = lookup
+        for bits in controller.model.widths:
+            self.width_tokens.labels(width=str(bits))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -85,6 +119,9 @@ class ServerMetrics(EngineObserver):
 
     def on_tokens(self, precision: str, count: int) -> None:
         self.generation_tokens.labels(precision=precision).inc(count)
+        if self._width_shares is not None:
+            for bits, share in self._width_shares(precision).items():
+                self.width_tokens.labels(width=str(bits)).inc(count * share)
 
     def on_first_token(self, seq: Sequence, ttft_s: float) -> None:
         self.ttft.observe(ttft_s)

@@ -100,7 +100,9 @@ class ServerState:
                 self.loaded = await asyncio.to_thread(load_for_serving, s)
             loaded = self.loaded
             configure_backend(loaded, s)
-            controller = make_controller(s.policy, loaded, s.default_precision)
+            # adaptive policies may profile the model (load) or calibrate a threshold (entropy): off the event loop
+            controller = await asyncio.to_thread(make_controller, s.policy, loaded, s.default_precision,
+                                                 **s.policy_options())
             config = EngineConfig(max_batch=s.max_batch, max_batched_tokens=max(s.max_batched_tokens, s.max_batch),
                                   kv_cache_bytes=s.kv_cache_mb << 20, block_size=s.block_size,
                                   max_model_len=s.max_model_len)
@@ -113,6 +115,7 @@ class ServerState:
             self.engine.start(asyncio.get_running_loop())
             self.metrics.bind(lambda: engine.scheduler.num_running, lambda: self.engine.num_waiting if self.engine else 0,
                               lambda: engine.cache.usage)
+            self.metrics.bind_controller(controller)
             if self.status is Status.LOADING:
                 self.status = Status.READY
             log.info("ready: %s (%s backend, default precision %s, policy %s)", self.model_name,
