@@ -147,11 +147,22 @@ class SeqSlice:
 
 
 @dataclass
+class DecodeGroup:
+    """The single-row (decode) sequences of a batch, attended in one padded attention call."""
+
+    rows: torch.Tensor  # [B] row of each decoding sequence in the flat batch
+    slots: torch.Tensor  # [B * Lmax] context slot ids, each sequence padded to Lmax with slot 0
+    mask: torch.Tensor  # [B, 1, 1, Lmax] bool, True where the key is real
+    max_len: int  # Lmax
+
+
+@dataclass
 class BatchLayout:
     """Where each row's K/V goes and which rows attend to which cache slots."""
 
     write_slots: torch.Tensor  # [T] flat cache slot of each row
     seqs: list[SeqSlice]
+    decode: DecodeGroup | None = None  # set when >= 2 sequences decode one row (batched attention)
 
 
 def resolve_row_bits(row_bits: torch.Tensor | int, n_linears: int) -> list[torch.Tensor | int]:
@@ -195,7 +206,17 @@ class ElasticModel(nn.Module):
         k_flat.index_copy_(0, layout.write_slots, k)
         v_flat.index_copy_(0, layout.write_slots, v)
         out = q.new_empty(q.shape[0], a.n_heads, a.head_dim)
-        for s in layout.seqs:
+        seqs = layout.seqs
+        g = layout.decode
+        if g is not None:  # all decode rows in one call instead of one call per sequence
+            n = g.rows.numel()
+            qd = q.index_select(0, g.rows).unsqueeze(2)  # [B, Hq, 1, D]
+            kd = k_flat.index_select(0, g.slots).view(n, g.max_len, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            vd = v_flat.index_select(0, g.slots).view(n, g.max_len, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, enable_gqa=a.n_heads != a.n_kv_heads)
+            out.index_copy_(0, g.rows, od.squeeze(2))  # [B, Hq, D]
+            seqs = [s for s in seqs if s.length != 1]
+        for s in seqs:
             qs = q[s.start : s.start + s.length].transpose(0, 1)  # [Hq, Lq, D]
             ks = k_flat.index_select(0, s.ctx_slots).transpose(0, 1)  # [Hkv, Lk, D]
             vs = v_flat.index_select(0, s.ctx_slots).transpose(0, 1)
@@ -253,7 +274,21 @@ def build_layout(cache: PagedKVCache, seqs: Sequence[tuple[Any, int]]) -> BatchL
         writes.append(cache.reserve(blocks, n_new))
         slices.append(SeqSlice(start, n_new, before, cache.slots(blocks, 0, before + n_new)))
         start += n_new
-    return BatchLayout(torch.cat(writes), slices)
+    return BatchLayout(torch.cat(writes), slices, decode_group(slices))
+
+
+def decode_group(slices: Sequence[SeqSlice]) -> DecodeGroup | None:
+    """Padded context slots of the single-row sequences, when at least two decode together."""
+    dec = [s for s in slices if s.length == 1]
+    if len(dec) < 2:
+        return None
+    lens = torch.tensor([s.ctx_slots.numel() for s in dec])  # [B]
+    max_len = int(lens.max())
+    slots = torch.zeros(len(dec), max_len, dtype=torch.int64)  # [B, Lmax]; padding reads slot 0, masked out
+    for i, s in enumerate(dec):
+        slots[i, : s.ctx_slots.numel()] = s.ctx_slots
+    mask = (torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)).view(len(dec), 1, 1, max_len)
+    return DecodeGroup(torch.tensor([s.start for s in dec]), slots.view(-1), mask, max_len)
 
 
 def elastic_model_from_checkpoint(ckpt: Any, backend: ElasticBackend) -> ElasticModel:

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     """On SIGTERM: stop admitting, let in-flight requests finish for at most this long, then exit."""
 
     cache_dir: Path = Field(default_factory=_default_cache_dir)
-    """Where the default checkpoint is built on first use (`<cache_dir>/smollm2-135m`)."""
+    """Where the default checkpoint is built on first use (`<cache_dir>/checkpoints/smollm2-135m-instruct`)."""
 
     default_precision: str = "w8"
     """Precision of requests that ask for none (and of `auto` under the fixed policy)."""
@@ -106,6 +106,9 @@ class Settings(BaseSettings):
 
     cached_widths: int = Field(0, ge=0)
     """torch backend: dense weights kept per width (0: every stored width, so mixed batches never rebuild)."""
+
+    threads: int = Field(0, ge=0)
+    """torch intra-op threads for model work (0: torch's default, one per core; 1 helps on a busy shared machine)."""
 
     model_name: str = "smollm2-135m"
     """Name served in `/v1/models`; aliases `<model_name>@wB` select a precision."""
@@ -139,6 +142,3 @@ class Settings(BaseSettings):
             raise ValueError(f"log_level {v!r} is not one of {list(levels)}")
         return v.lower()
 
-    def resolved_checkpoint(self) -> Path:
-        """The checkpoint to load: `checkpoint`, or the default model's path inside `cache_dir`."""
-        return self.checkpoint if self.checkpoint is not None else self.cache_dir / self.model_name

@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from quept_runtime.async_engine import AsyncEngine
 from quept_runtime.controller import make_controller
 from quept_runtime.engine import EngineConfig, LLMEngine
@@ -23,7 +25,7 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT_NAME = "smollm2-135m"
+DEFAULT_CHECKPOINT = ("checkpoints", "smollm2-135m-instruct")  # shared with benchmarks/cpu_decode.py
 
 
 class Status(str, enum.Enum):
@@ -38,7 +40,7 @@ def ensure_checkpoint(settings: Settings) -> Path:
     """The checkpoint to serve; with none configured, build the default model into the cache once."""
     if settings.checkpoint is not None:
         return Path(settings.checkpoint)
-    path = Path(settings.cache_dir) / DEFAULT_CHECKPOINT_NAME
+    path = Path(settings.cache_dir).joinpath(*DEFAULT_CHECKPOINT)
     if (path / "elastic.json").is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +98,8 @@ class ServerState:
     async def load(self) -> None:
         s = self.settings
         try:
+            if s.threads:
+                torch.set_num_threads(s.threads)
             if self.loaded is None:
                 self.loaded = await asyncio.to_thread(load_for_serving, s)
             loaded = self.loaded

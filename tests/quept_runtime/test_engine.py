@@ -219,3 +219,24 @@ def test_controller_changes_plan_between_tokens(lm):
     assert rec.switches == [("test-switch", "test", "w8", "w2")]
     assert rec.tokens == {"w8": 3, "w2": 5}
     assert [o.precision for o in outs] == ["w8"] * 3 + ["w2"] * 5
+
+
+def test_batched_decode_attention_matches_per_sequence(lm):
+    """build_layout's DecodeGroup (one padded attention call for all decode rows) equals the per-sequence loop."""
+    from quept_runtime.kv_cache import SequenceBlocks
+    from quept_runtime.model import build_layout
+
+    model = lm.model
+    prompts = [torch.arange(n) % model.args.vocab_size for n in (5, 11, 2)]
+    outs = []
+    for batched in (True, False):
+        cache = model.new_kv_cache(1 << 20, block_size=4)
+        seqs = [SequenceBlocks() for _ in prompts]
+        model(torch.cat(prompts), torch.cat([torch.arange(len(p)) for p in prompts]), cache,
+              build_layout(cache, [(s, len(p)) for s, p in zip(seqs, prompts)]), 8)
+        layout = build_layout(cache, [(s, 1) for s in seqs])
+        assert layout.decode is not None and layout.decode.max_len == 12
+        if not batched:
+            layout.decode = None
+        outs.append(model(torch.tensor([3, 4, 5]), torch.tensor([len(p) for p in prompts]), cache, layout, 4))
+    assert float((outs[0] - outs[1]).abs().max() / outs[1].abs().max()) < 1e-5
