@@ -1,8 +1,8 @@
 """Load test of a quept server with locust: streaming chat and completion users, a precision mix.
 
-    locust -f benchmarks/locustfile.py --headless -u 6 -r 1 -t 2m --host http://127.0.0.1:8000 \\
-        --precision-mix w8:0.5,w4:0.3,auto:0.2 --max-tokens 32 \\
-        --csv benchmarks/results/locust --csv-full-history --only-summary
+    locust -f benchmarks/locustfile.py --headless -u 6 -r 1 -t 150s --stop-timeout 60 \\
+        --host http://127.0.0.1:8000 --precision-mix w8:0.5,w4:0.3,auto:0.2 --max-tokens 48 \\
+        --csv benchmarks/results/locust --only-summary
     python benchmarks/plot_locust.py benchmarks/results/locust
 
 Every request streams (SSE) and asks for the usage chunk. Besides the end-to-end entry per
@@ -110,6 +110,7 @@ class RunState:
     t0: float = 0.0
     wall_t0: float = 0.0
     records: list[Record] = field(default_factory=list)
+    load_start: float = 0.0
 
 
 STATE = RunState()
@@ -170,6 +171,7 @@ def _on_test_start(environment: Any, **_: Any) -> None:
         STATE.model = r.json()["data"][0]["id"]
     STATE.t0 = time.perf_counter()
     STATE.wall_t0 = time.time()
+    STATE.load_start = round(os.getloadavg()[0], 2)
     STATE.records.clear()
     log.info("model %s, precision mix %s", STATE.model, STATE.mix)
 
@@ -329,6 +331,10 @@ def summarize(records: list[Record], duration: float, opts: Any, host: str) -> d
         "precision_mix": dict(STATE.mix),
         "max_tokens": opts.max_tokens,
         "temperature": opts.temperature,
+        # the client runs on the server's machine: its load (other work included) shapes the numbers
+        "cpu_count": os.cpu_count(),
+        "load_avg_start": STATE.load_start,
+        "load_avg_end": round(os.getloadavg()[0], 2),
     }
     out |= _group(records, duration)
     out["by_precision"] = {p: _group([r for r in records if r.precision == p], duration)

@@ -119,13 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     ax2.plot(centers, rps, "-s", ms=3, color="tab:blue", label="completed req/s")
     if any(rej):
         ax2.plot(centers, rej, "-x", ms=4, color="tab:red", label="429 rejected/s")
+    ax2.set_ylabel("req/s")
+    ax2.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0)
     ts, users = load_users(Path(f"{prefix}_stats_history.csv"))
-    if ts:
-        ax2.step(ts, users, where="post", color="black", alpha=0.4, label="users")
-    ax2.set_ylabel("req/s, users")
+    if ts:  # the user ramp, as a shaded band along the bottom
+        top = max(users) or 1
+        ax.fill_between(ts, 0, [u / top * ax.get_ylim()[1] * 0.08 for u in users], step="post",
+                        color="black", alpha=0.15, label=f"users (0..{top:g})")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="lower right")
+    ax.legend(h1 + h2, l1 + l2, loc="best", fontsize=8)
 
     ax = axes[1][1]
     precisions = sorted({r["precision"] for r in ok})
@@ -138,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     counts = {p: sum(1 for r in ok if r["precision"] == p) for p in precisions}
     ax.set_xticks(list(x), [f"{p}\n(n={counts[p]})" for p in precisions])
     ax.set(title="Latency by requested precision", ylabel="ms")
-    ax.set_yscale("log")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend()
+    ax.legend(loc="upper left", fontsize=8, ncols=2)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.15)
 
     if summary:
         s = summary
@@ -150,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
                  f"{s.get('failed_other')} failed; {s.get('request_throughput_rps')} req/s, "
                  f"{s.get('output_token_throughput_tps')} tok/s; TTFT p50 {s['ttft_ms']['p50']} ms, "
                  f"p99 {s['ttft_ms']['p99']} ms; TPOT p50 {s['tpot_ms']['p50']} ms")
+        if s.get("cpu_count"):
+            title += (f"\nclient and server on one {s['cpu_count']}-core machine, 1-min load average "
+                      f"{s.get('load_avg_start')} at start, {s.get('load_avg_end')} at end")
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,9 @@ SERVER_EXTRA_METRICS = {
     "quept:num_preemptions": "counter",
     "quept:request_queue_time_seconds": "histogram",
     "quept:request_rejected": "counter",
+    "quept:default_precision_bits": "gauge",
+    "quept:predicted_inter_token_latency_seconds": "gauge",
+    "quept:generation_tokens_by_width": "counter",
 }
 
 
