@@ -124,8 +124,11 @@ def work_llama(ids: list[int], tokens: int, threads: int) -> dict[str, Any]:
 
 
 def work_quept(checkpoint: str, backend: str, bits: int, ids: list[int], tokens: int, threads: int,
-               batch: int) -> dict[str, Any]:
+               batch: int, isa: str | None = None) -> dict[str, Any]:
     import torch
+
+    if isa:
+        os.environ["QUEPT_NATIVE_ISA"] = isa  # read when the extension loads
 
     from quept_runtime.generate import generate
     from quept_runtime.loader import load_model
@@ -243,11 +246,17 @@ def summarize(res: dict[str, Any], batch: int) -> dict[str, Any]:
         "w4_at_least_llama_cpp": bool(ll and 4 in quept and quept[4] >= ll),
         "monotonic": s["monotonic_8_to_2"],
     }
+    extra = {k: v.get("tokens_per_s") for k, v in res.items() if k.startswith("w") and "-" in k and "error" not in v}
+    if extra:
+        s["tokens_per_s_forced_isa"] = extra
+        if ll:
+            s["ratio_vs_llama_cpp_forced_isa"] = {k: v / ll for k, v in extra.items() if v}
     key = f"batch{batch}_tokens_per_s"
     if batch > 1:
         s[key] = {"hf_fp32": res["hf"].get(key), **{f"w{b}": res[f"w{b}"].get(key) for b in quept}}
-    s["peak_rss_mb"] = {"hf_fp32": res["hf"].get("peak_rss_mb"), "llama_cpp_q4_1": res["llama"].get("peak_rss_mb"),
-                        **{f"w{b}": res[f"w{b}"].get("peak_rss_mb") for b in quept}}
+    for key in ("rss_mb", "peak_rss_mb"):
+        s[key] = {"hf_fp32": res["hf"].get(key), "llama_cpp_q4_1": res["llama"].get(key),
+                  **{f"w{b}": res[f"w{b}"].get(key) for b in quept}}
     return s
 
 
@@ -261,13 +270,22 @@ def plot(summary: dict[str, Any], batch: int, path: Path, title: str) -> None:
     tps = summary["tokens_per_s"]
     fig, axes = plt.subplots(1, 3 if batch > 1 else 2, figsize=(15 if batch > 1 else 10, 4.2))
     ax = axes[0]
-    ax.bar(labels, [tps.get(k) or 0 for k in labels], color="tab:blue", label="quept native")
+    forced = summary.get("tokens_per_s_forced_isa", {})
+    xs = list(range(len(labels)))
+    width = 0.4 if forced else 0.8
+    ax.bar([x - (width / 2 if forced else 0) for x in xs], [tps.get(k) or 0 for k in labels], width,
+           color="tab:blue", label="quept native (best ISA)")
+    if forced:
+        isa = next(iter(forced)).split("-", 1)[1]
+        ax.bar([x + width / 2 for x in xs], [forced.get(f"{k}-{isa}") or 0 for k in labels], width,
+               color="tab:cyan", label=f"quept native, {isa} forced")
+    ax.set_xticks(xs, labels)
     for key, color, name in (("hf_fp32", "tab:red", "HF generate fp32"), ("llama_cpp_q4_1", "tab:green", "llama.cpp Q4_1")):
         if tps.get(key):
             ax.axhline(tps[key], color=color, linestyle="--", label=f"{name}: {tps[key]:.1f}")
     for i, k in enumerate(labels):
         if tps.get(k):
-            ax.text(i, tps[k], f"{tps[k]:.0f}", ha="center", va="bottom", fontsize=8)
+            ax.text(i - (width / 2 if forced else 0), tps[k], f"{tps[k]:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("decode tokens/s (batch 1)")
     ax.set_title("batch 1 greedy decode")
     ax.legend(fontsize=8)
@@ -281,11 +299,14 @@ def plot(summary: dict[str, Any], batch: int, path: Path, title: str) -> None:
         ax.set_title(f"batch {batch}")
         ax.legend(fontsize=8)
     ax = axes[-1]
-    mem = summary["peak_rss_mb"]
     keys = ["hf_fp32", "llama_cpp_q4_1", *labels]
-    ax.bar(["HF fp32", "llama.cpp", *labels], [mem.get(k) or 0 for k in keys],
-           color=["tab:red", "tab:green"] + ["tab:blue"] * len(labels))
-    ax.set_ylabel("peak RSS of the process (MiB)")
+    names = ["HF fp32", "llama.cpp", *labels]
+    ax.bar(names, [summary["rss_mb"].get(k) or 0 for k in keys], color=["tab:red", "tab:green"] + ["tab:blue"] * len(labels),
+           label="RSS after the run")
+    ax.scatter(names, [summary["peak_rss_mb"].get(k) or 0 for k in keys], color="black", marker="_", s=300, label="peak RSS")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.legend(fontsize=8)
+    ax.set_ylabel("resident memory of the process (MiB)")
     ax.set_title("resident memory")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -301,6 +322,9 @@ def main() -> None:
     parser.add_argument("--backend", default="native")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_decode.json")
     parser.add_argument("--skip", default="", help="comma list of hf,llama to leave out")
+    parser.add_argument("--also-isa", default="avx2",
+                        help="also run batch-1 decode with this ISA path forced (e.g. avx2: what AVX2-only CPUs get); "
+                             "'' to skip")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -320,6 +344,10 @@ def main() -> None:
     for b in WIDTHS:
         jobs.append((f"w{b}", {"kind": "quept", "checkpoint": str(ckpt), "backend": args.backend, "bits": b,
                                **common, "batch": args.batch}))
+    if args.also_isa and args.backend == "native":
+        for b in WIDTHS:
+            jobs.append((f"w{b}-{args.also_isa}", {"kind": "quept", "checkpoint": str(ckpt), "backend": "native",
+                                                  "bits": b, **common, "batch": 1, "isa": args.also_isa}))
     for name, spec in jobs:
         res[name] = run_worker(spec, timeout=1200)
         r = res[name]
