@@ -54,26 +54,23 @@ def clamp(plan: PrecisionPlan, spec: PrecisionSpec | None, ladder: Sequence[Prec
           widths: Sequence[int]) -> PrecisionPlan:
     """`plan` when it is inside the request's bounds; else the nearest plan inside them.
 
-    Too high: the best ladder plan inside the bounds that is not better than `plan`, else `w{max}`.
-    Too low: the worst ladder plan inside the bounds that is not worse than `plan`, else the smallest
-    stored width >= min.
+    Candidates are the ladder plans inside the bounds plus the bound itself (`w{max}` when `plan` is
+    too high, the smallest stored width >= min when it is too low). Too high: the best candidate not
+    better than `plan`; too low: the worst candidate not worse than `plan` (else the nearest one).
     """
     if within_bounds(plan, spec):
         return plan
     assert spec is not None
     q = plan_bits(plan)
     inside = [p for p in ladder if within_bounds(p, spec)]
-    too_high = spec.max_bits is not None and max(plan_widths(plan)) > spec.max_bits
-    if too_high:
-        lower = [p for p in inside if plan_bits(p) <= q]
-        if lower:
-            return max(lower, key=plan_bits)
-        return PrecisionPlan.uniform(int(spec.max_bits))  # type: ignore[arg-type]
-    higher = [p for p in inside if plan_bits(p) >= q]
-    if higher:
-        return min(higher, key=plan_bits)
+    if spec.max_bits is not None and max(plan_widths(plan)) > spec.max_bits:
+        candidates = inside + [PrecisionPlan.uniform(int(spec.max_bits))]
+        lower = [p for p in candidates if plan_bits(p) <= q]
+        return max(lower, key=plan_bits) if lower else min(candidates, key=plan_bits)
     lo = int(spec.min_bits)  # type: ignore[arg-type]
-    return PrecisionPlan.uniform(min(w for w in widths if w >= lo))
+    candidates = inside + [PrecisionPlan.uniform(min(w for w in widths if w >= lo))]
+    higher = [p for p in candidates if plan_bits(p) >= q]
+    return min(higher, key=plan_bits) if higher else max(candidates, key=plan_bits)
 
 
 def parse_plan_list(model: Any, text: str) -> list[PrecisionPlan]:
