@@ -240,6 +240,7 @@ def _precisions(state: ServerState) -> dict[str, Any]:
     ctl = engine.controller if engine else None
     return {
         "default": ctl.default_plan.name if ctl else state.settings.default_precision,
+        "backend": lm.backend.name,
         "policy": ctl.name if ctl else state.settings.policy,
         "widths": widths,
         "profiles": meta.get("profiles") or {},

@@ -49,6 +49,8 @@ class SamplingFields(BaseModel):
 
     def unsupported(self) -> str | None:
         """Name of the first requested feature this server does not implement, else None."""
+        if self.stream_options is not None and not self.stream:
+            return "stream_options can only be set when stream is true"
         if self.n != 1:
             return f"n={self.n} is not supported (only n=1)"
         if self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0:

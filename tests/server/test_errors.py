@@ -40,6 +40,8 @@ ROWS: list[tuple[str, str, Any, dict[str, str], int, str | None, tuple[str, ...]
     ("token id outside the vocabulary", CMPL, {**OK_CMPL, "prompt": [1, 99999]}, {}, 400, None, ("99999",)),
     ("unknown model", CMPL, {**OK_CMPL, "model": "gpt-4"}, {}, 404, "model_not_found", ("gpt-4",)),
     ("n > 1", CMPL, {**OK_CMPL, "n": 2}, {}, 400, "unsupported", ("n=2",)),
+    ("stream_options without stream", CMPL, {**OK_CMPL, "stream_options": {"include_usage": True}}, {}, 400,
+     "unsupported", ("stream_options",)),
     ("logprobs", CHAT, {**OK_CHAT, "logprobs": True}, {}, 400, "unsupported", ("logprobs",)),
     ("prompt over the context", CMPL, {**OK_CMPL, "prompt": LONG_PROMPT}, {}, 400, "context_length_exceeded",
      ("context",)),
