@@ -18,7 +18,7 @@ import time
 from typing import AsyncIterator
 
 from quept_runtime.engine import LLMEngine
-from quept_runtime.sequence import GenerationRequest, RequestOutput, Sequence
+from quept_runtime.sequence import FinishReason, GenerationRequest, RequestOutput, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,13 @@ class AsyncEngine:
                 stopping = self._stopping
             outputs: list[RequestOutput] = []
             for seq in adds:
-                engine.add_sequence(seq)
+                try:
+                    engine.add_sequence(seq)
+                except ValueError as err:  # e.g. a duplicate request id: fail that request, keep serving
+                    seq.finish(FinishReason.ABORT)
+                    out = seq.make_output([], seq.plan.name)
+                    out.error = str(err)
+                    outputs.append(out)
             for rid in aborts:
                 out = engine.abort(rid)
                 if out is not None:
