@@ -100,15 +100,16 @@ void dot_half(const LayerView& L, const ActView& A, const Segment& seg, const in
     }
     for (int64_t g = 0; g < L.n_groups; ++g) {
         const __m256 sc = load_half8(sc_p + g * kTileRows);
-        const __m256 mn = load_half8(mn_p + g * kTileRows);
+        const __m256 mn = _mm256_fmadd_ps(_mm256_set1_ps((float)(1 << (B - 1))), sc, load_half8(mn_p + g * kTileRows));
         for (int64_t cc = 0; cc < cpg; ++cc) {
             const int64_t c = g * cpg + cc;
             __m256i iacc[MB];
 #pragma GCC unroll 4
             for (int mb = 0; mb < MB; ++mb) {
-                // width 8 runs on centred codes q - 128 (maddubs needs |u8| * |s8| pairs under 2^15):
-                // sum q x = sum (q - 128) x + 128 sum x, all in integers
-                iacc[mb] = B == 8 ? _mm256_set1_epi32(128 * xqs[mb][c]) : _mm256_setzero_si256();
+                // codes enter centred, q - 2^(b-1) (see elastic_avx512.cpp); width 8 computes the centred
+                // products directly (maddubs needs |u8| * |s8| pairs under 2^15), narrower widths as
+                // sum q x - 2^(b-1) sum x, in integers
+                iacc[mb] = B == 8 ? _mm256_setzero_si256() : _mm256_set1_epi32(-(1 << (B - 1)) * xqs[mb][c]);
             }
 #pragma GCC unroll 8
             for (int i0 = 0; i0 < 8; i0 += kSums<B>) {

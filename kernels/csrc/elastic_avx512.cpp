@@ -42,6 +42,12 @@ inline void unpack_chunk(const uint8_t* base, int64_t plane_stride, int64_t c, _
     }
 }
 
+// Codes enter the dot products centred, q - 2^(b-1), and the min term takes mins + 2^(b-1) scales:
+// the same value, but the activation rounding error is then sum (q - 2^(b-1)) (x - xq dx), about a
+// third of sum q (x - xq dx) for bell-shaped weights. sum (q - c) xq = sum q xq - c sum xq (exact).
+template <int B>
+constexpr int32_t kCentre = 1 << (B - 1);
+
 // Rows rows[0..MB) of one segment against tile t. FUSED: rebuild the codes per chunk in registers
 // (few rows); otherwise read them from qbuf[c][i][64], filled once per tile.
 template <int B, int MB, bool FUSED>
@@ -55,17 +61,19 @@ void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const in
     const int8_t* xr[MB];
     const float* dxr[MB];
     const float* xsr[MB];
+    const int32_t* xqs[MB];
     __m512 facc[MB];
 #pragma GCC unroll 4
     for (int mb = 0; mb < MB; ++mb) {
         xr[mb] = A.xq + rows[mb] * K;
         dxr[mb] = A.dx + rows[mb] * L.n_chunks;
         xsr[mb] = A.xsum + rows[mb] * L.n_groups;
+        xqs[mb] = A.xqsum + rows[mb] * L.n_chunks;
         facc[mb] = _mm512_setzero_ps();
     }
     for (int64_t g = 0; g < L.n_groups; ++g) {
         const __m512 sc = load_half16(sc_p + g * kTileRows);
-        const __m512 mn = load_half16(mn_p + g * kTileRows);
+        const __m512 mn = _mm512_fmadd_ps(_mm512_set1_ps((float)kCentre<B>), sc, load_half16(mn_p + g * kTileRows));
         for (int64_t cc = 0; cc < cpg; ++cc) {
             const int64_t c = g * cpg + cc;
             __m512i q[8];
@@ -77,7 +85,7 @@ void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const in
             }
             __m512i iacc[MB];
 #pragma GCC unroll 4
-            for (int mb = 0; mb < MB; ++mb) iacc[mb] = _mm512_setzero_si512();
+            for (int mb = 0; mb < MB; ++mb) iacc[mb] = _mm512_set1_epi32(-kCentre<B> * xqs[mb][c]);
 #pragma GCC unroll 8
             for (int i = 0; i < 8; ++i) {
 #pragma GCC unroll 4

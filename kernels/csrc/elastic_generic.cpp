@@ -71,6 +71,7 @@ void tiles_generic(const LayerView& L, const ActView& A, const Segment* segs, in
         for (int s = 0; s < n_segs; ++s) {
             const Segment& seg = segs[s];
             unpack_tile(L, seg.bits, t, scratch);
+            const int32_t centre = 1 << (seg.bits - 1);  // codes enter centred (see elastic_avx512.cpp)
             const uint16_t* sc = L.scales + seg.widx * L.width_stride + t * L.n_groups * kTileRows;
             const uint16_t* mn = L.mins + seg.widx * L.width_stride + t * L.n_groups * kTileRows;
             const uint16_t* lb = L.lora_b + t * L.rank_max * kTileRows;
@@ -87,11 +88,12 @@ void tiles_generic(const LayerView& L, const ActView& A, const Segment* segs, in
                         for (int64_t cc = 0; cc < cpg; ++cc) {
                             const int64_t c = g * cpg + cc;
                             int32_t isum = 0;
-                            for (int j = 0; j < kChunk; ++j) isum += (int32_t)q[c * kChunk + j] * xq[c * kChunk + j];
+                            for (int j = 0; j < kChunk; ++j) isum += ((int32_t)q[c * kChunk + j] - centre) * xq[c * kChunk + j];
                             gs += (float)isum * A.dx[m * L.n_chunks + c];
                         }
-                        acc += half_to_float(sc[g * kTileRows + r]) * gs +
-                               half_to_float(mn[g * kTileRows + r]) * A.xsum[m * L.n_groups + g];
+                        const float scale = half_to_float(sc[g * kTileRows + r]);
+                        const float min = half_to_float(mn[g * kTileRows + r]) + (float)centre * scale;
+                        acc += scale * gs + min * A.xsum[m * L.n_groups + g];
                     }
                     for (int j = 0; j < seg.rank; ++j) {
                         acc += half_to_float(lb[j * kTileRows + r]) * A.u[m * L.rank_max + j];
