@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
+import time
 
 import httpx
 import openai
@@ -104,6 +106,17 @@ def test_concurrent_mixed_widths_match_each_alone(client, server):
     metrics = server.state.metrics
     on_step = metrics.on_step
     metrics.on_step = lambda stats, rows, s: (seen.append(stats.num_running), on_step(stats, rows, s))
+    front, engine = server.state.engine, server.engine
+    step, gate = engine.step, threading.Event()
+
+    def gated_step():  # hold the first step until all three requests have reached the engine
+        deadline = time.monotonic() + 10
+        while not gate.is_set() and front.num_waiting + front.num_running < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        gate.set()
+        return step()
+
+    engine.step = gated_step
     aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
 
     async def together() -> list[str]:
@@ -115,6 +128,7 @@ def test_concurrent_mixed_widths_match_each_alone(client, server):
         batched = asyncio.run(together())
     finally:
         del metrics.on_step
+        del engine.step
     assert max(seen) == 3, f"the three requests never ran in one batch (running per step: {seen})"
     assert dict(zip(prompts, batched)) == alone
 
