@@ -124,7 +124,7 @@ def _build() -> ModuleType:
     build_dir.mkdir(parents=True, exist_ok=True)
     fresh = not any(build_dir.glob(f"{name}*.so"))
     if fresh:
-        log.info("building the native CPU kernels (once, about a minute) in %s", build_dir)
+        log.warning("building the native CPU kernels (once per torch/Python version, about a minute) in %s", build_dir)
     start = time.perf_counter()
     from torch.utils import cpp_extension
 
