@@ -2,8 +2,9 @@
 
 Start-up profile: for every candidate plan and a few batch sizes, the model runs decode steps
 (one row per sequence, `context` tokens of KV each) on a scratch KV cache; plans are interleaved
-within each repetition so that a noisy machine slows them alike, and the median is kept. This is
-the *shape* of the cost: how step time grows with the batch and falls with the width.
+within each repetition so that a noisy machine slows them alike, and the fastest repetition is kept
+(made non-decreasing in the batch). This is the *shape* of the cost: how step time grows with the
+batch and falls with the width.
 
 Live steps keep it current: every engine step that produced inter-token latencies records
 `measured / profiled` for its plan mix and batch. Predictions are the profiled time scaled by a
@@ -19,7 +20,6 @@ width), the profile says so: the rows are flat across plans, and the load policy
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 from collections import deque
@@ -155,7 +155,7 @@ class CostModel:
 
 def profile_step_times(model: Any, plans: Sequence[PrecisionPlan], batches: Sequence[int], context: int,
                        reps: int) -> dict[str, dict[int, float]]:
-    """Median seconds of a decode step per plan name and batch size (plans interleaved per repetition)."""
+    """Fastest of `reps` decode steps per plan name and batch size (plans interleaved per repetition)."""
     n_lin = model.n_linears
     a = model.args
     gen = torch.Generator().manual_seed(0)
@@ -185,5 +185,9 @@ def profile_step_times(model: Any, plans: Sequence[PrecisionPlan], batches: Sequ
                 if rep > 0:
                     samples[plan.name].append(dt)
         for name, ts in samples.items():
-            out[name][batch] = statistics.median(ts)
+            out[name][batch] = min(ts)  # the uncontended time; contention is the live correction's job
+    for row in out.values():  # a larger batch never runs faster (a noisy sample must not bend the curve)
+        prev = 0.0
+        for b in sorted(row):
+            row[b] = prev = max(prev, row[b])
     return out

@@ -228,9 +228,9 @@ def simulate_window(lm: Any, window: torch.Tensor, low: PrecisionPlan, high: Pre
         bits = plan.uniform_bits if plan.uniform_bits is not None else plan.row_vector(model.n_linears).unsqueeze(0)
         t0 = time.perf_counter()
         logits = model(window[pos : pos + 1], torch.tensor([pos]), cache, build_layout(cache, [(blocks, 1)]), bits)[0]
-        seconds += time.perf_counter() - t0
         logp = torch.log_softmax(logits.float(), -1)  # [V]
-        nll -= float(logp[window[pos + 1]])
         gate.update(probe, float(-(logp.exp() * logp).sum()))  # type: ignore[arg-type]
+        seconds += time.perf_counter() - t0  # the step and the policy's entropy, as the engine pays them
+        nll -= float(logp[window[pos + 1]])
     return {"nll": nll, "tokens": n - 1, "high_steps": n_high, "seconds": seconds,
             "ppl": math.exp(nll / max(1, n - 1))}

@@ -1,0 +1,392 @@
+"""Adaptive precision under a load ramp: `fixed w8`, `fixed w4` and the `load` policy on the default model.
+
+For each configuration a `quept serve` subprocess starts on 127.0.0.1 (a free port), and a closed-loop
+client ramps the number of concurrent streaming clients up and down (`--levels`, each held for
+`--phase-s` seconds; every client sends `auto` requests of `--max-tokens` tokens back to back).
+Every `--window-s` seconds of the ramp it records the offered load (clients), the served precision
+(token-weighted bits from `quept:generation_tokens_by_width_total`, and the default plan gauge),
+p95 inter-token latency (gaps between streamed chunks) against the SLO, and output throughput.
+
+The table: SLO attainment (share of ramp windows whose p95 ITL meets the SLO, and share of all ITL
+samples under it), throughput, average served bits, and the perplexity of the tokens actually served
+(exp of the token-weighted mean NLL per width, from benchmarks/results/quality_rtn.json or
+quality_calibrated.json; a quick 2-window evaluation when neither is there). The `load` server's
+cost model (profiled at its start, corrected by live steps) and its switches are stored too.
+
+    python benchmarks/adaptive_load.py                      # ~7 min on 2 cores
+    python benchmarks/adaptive_load.py --slo-itl-ms 250 --phase-s 6
+
+SLO: `--slo-itl-ms`, or (0, the default) derived from a quick in-process profile:
+`--tail-factor` x the geometric mean of the w8 and w4 decode step at the peak batch.
+Writes benchmarks/results/adaptive_load.json and adaptive_load.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/kernels.py would shadow the `kernels` package: import from the repository root instead
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+RESULTS = ROOT / "benchmarks" / "results"
+PROMPTS = ["Write a short poem about the sea.", "Explain what a hash table is.", "List three uses of copper.",
+           "Describe the water cycle in two sentences.", "What is the capital of Italy and why is it famous?",
+           "Give me a tip for learning to cook.", "Summarize the plot of a detective story.", "Why is the sky blue?"]
+WIDTH_METRIC = "quept:generation_tokens_by_width_total"
+
+
+# ----------------------------------------------------------------------------- server process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(self, name: str, checkpoint: Path, flags: list[str], log_path: Path) -> None:
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+               "--port", str(self.port), *flags]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QUEPT_")}
+        self.cmd = cmd
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name}: not ready after {timeout:.0f} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+# ----------------------------------------------------------------------------- load generation
+
+
+def parse_metrics(text: str) -> dict[str, Any]:
+    widths = {m.group(1): float(m.group(2)) for m in
+              re.finditer(re.escape(WIDTH_METRIC) + r'\{width="(\d+)"\} ([0-9.e+-]+)', text)}
+    m = re.search(r"^quept:default_precision_bits ([0-9.e+-]+)", text, re.M)
+    return {"widths": widths, "default_bits": float(m.group(1)) if m else None}
+
+
+async def run_ramp(url: str, levels: list[int], phase_s: float, max_tokens: int) -> dict[str, Any]:
+    """Closed loop: client i is active while i < the current level; returns requests and metric scrapes."""
+    import httpx
+
+    duration = phase_s * len(levels)
+    records: list[dict[str, Any]] = []
+    scrapes: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=max(levels) + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as client:
+        t0 = time.perf_counter()
+
+        def now() -> float:
+            return time.perf_counter() - t0
+
+        def level(t: float) -> int:
+            return levels[min(len(levels) - 1, int(t // phase_s))]
+
+        async def worker(i: int) -> None:
+            k = 0
+            while now() < duration:
+                if i >= level(now()):
+                    await asyncio.sleep(0.05)
+                    continue
+                body = {"prompt": PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0,
+                        "ignore_eos": True, "stream": True}
+                k += 1
+                start, times, status, plan = now(), [], 0, None
+                try:
+                    async with client.stream("POST", url + "/v1/completions", json=body,
+                                             headers={"X-Precision": "auto"}) as r:
+                        status, plan = r.status_code, r.headers.get("x-precision")
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {") and '"text":"' in line and '"text":""' not in line:
+                                times.append(now())
+                except httpx.HTTPError as err:
+                    status = f"error: {type(err).__name__}"
+                records.append({"client": i, "start": start, "status": status, "plan": plan, "times": times})
+
+        async def scraper() -> None:
+            while now() < duration + 1:
+                try:
+                    r = await client.get(url + "/metrics")
+                    scrapes.append({"t": now(), **parse_metrics(r.text)})
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.5)
+
+        await asyncio.gather(scraper(), *(worker(i) for i in range(max(levels))))
+    return {"duration_s": duration, "records": records, "scrapes": scrapes}
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def p95(xs: list[float]) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(math.ceil(0.95 * len(s))) - 1)]
+
+
+def width_counts_at(scrapes: list[dict[str, Any]], t: float) -> dict[str, float]:
+    """Counter values at time t (the last scrape at or before t)."""
+    best: dict[str, float] = {}
+    for s in scrapes:
+        if s["t"] <= t:
+            best = s["widths"]
+    return best
+
+
+def analyse(run: dict[str, Any], levels: list[int], phase_s: float, window_s: float, slo_ms: float,
+            ppl: dict[int, float]) -> dict[str, Any]:
+    recs = [r for r in run["records"] if r["status"] == 200]
+    gaps = [(b, (b - a) * 1e3) for r in recs for a, b in zip(r["times"], r["times"][1:])]  # (time, ms)
+    chunks = [t for r in recs for t in r["times"]]
+    windows = []
+    n_win = int(run["duration_s"] // window_s)
+    for w in range(n_win):
+        lo, hi = w * window_s, (w + 1) * window_s
+        itl = [g for t, g in gaps if lo <= t < hi]
+        c0, c1 = width_counts_at(run["scrapes"], lo), width_counts_at(run["scrapes"], hi)
+        delta = {b: c1.get(b, 0.0) - c0.get(b, 0.0) for b in c1}
+        toks = sum(delta.values())
+        defaults = [s["default_bits"] for s in run["scrapes"] if lo <= s["t"] < hi and s["default_bits"] is not None]
+        p = p95(itl)
+        windows.append({
+            "t0": lo, "clients": levels[min(len(levels) - 1, int(((lo + hi) / 2) // phase_s))],
+            "itl_samples": len(itl), "p95_itl_ms": None if p is None else round(p, 2),
+            "meets_slo": None if len(itl) < 5 else bool(p <= slo_ms),  # type: ignore[operator]
+            "throughput_tok_s": round(sum(lo <= t < hi for t in chunks) / window_s, 2),
+            "served_bits": round(sum(int(b) * n for b, n in delta.items()) / toks, 3) if toks else None,
+            "default_bits": round(sum(defaults) / len(defaults), 3) if defaults else None,
+        })
+    judged = [w for w in windows if w["meets_slo"] is not None]
+    first, last = run["scrapes"][0]["widths"] if run["scrapes"] else {}, run["scrapes"][-1]["widths"] if run["scrapes"] else {}
+    per_width = {b: last.get(b, 0.0) - first.get(b, 0.0) for b in last}
+    total = sum(per_width.values())
+    served_bits = sum(int(b) * n for b, n in per_width.items()) / total if total else None
+    nll = sum(n * math.log(ppl[int(b)]) for b, n in per_width.items() if n and int(b) in ppl)
+    covered = sum(n for b, n in per_width.items() if int(b) in ppl)
+    return {
+        "requests": len(recs), "failed_requests": len(run["records"]) - len(recs),
+        "slo_attainment_windows": round(sum(w["meets_slo"] for w in judged) / len(judged), 3) if judged else None,
+        "itl_under_slo": round(sum(g <= slo_ms for _, g in gaps) / len(gaps), 3) if gaps else None,
+        "p95_itl_ms": p95([g for _, g in gaps]),
+        "throughput_tok_s": round(len(chunks) / run["duration_s"], 2),
+        "tokens_by_width": {b: round(n, 1) for b, n in sorted(per_width.items(), reverse=True) if n},
+        "avg_served_bits": None if served_bits is None else round(served_bits, 3),
+        "served_ppl": round(math.exp(nll / covered), 3) if covered else None,
+        "windows": windows,
+    }
+
+
+def load_perplexities(checkpoint: Path, backend: str) -> tuple[dict[int, float], str]:
+    """Per-width perplexity: quality_calibrated.json (calibrated checkpoints) or quality_rtn.json, else a quick eval."""
+    meta = json.loads((checkpoint / "elastic.json").read_text())
+    names = ["quality_calibrated.json", "quality_rtn.json"] if meta.get("calibration") else ["quality_rtn.json"]
+    for name in names:
+        path = RESULTS / name
+        if path.is_file():
+            rows = json.loads(path.read_text()).get("rows", [])
+            ppl = {int(round(r["bits"])): float(r["ppl"]) for r in rows
+                   if r.get("kind") in ("nested", "calibrated") and float(r["bits"]).is_integer()}
+            if ppl:
+                return ppl, f"benchmarks/results/{name}"
+    from quept_runtime.evaluate import default_eval_file, perplexity, token_windows
+    from quept_runtime.loader import load_model
+
+    lm = load_model(checkpoint, backend=backend)
+    windows = token_windows(lm.tokenizer, default_eval_file(), 2, 512)
+    ppl = {b: perplexity(lm.model, windows, b, progress=False)[0] for b in (8, 6, 5, 4)}
+    return ppl, "quick evaluation: first 2 windows of 512 tokens of wikitext-2 test.txt"
+
+
+def auto_slo(checkpoint: Path, backend: str, peak: int, tail: float) -> tuple[float, dict[str, Any]]:
+    """tail x geometric mean of the w8 and w4 decode step at the peak batch (quick in-process profile)."""
+    from quept_runtime.loader import load_model
+    from quept_runtime.policies import CostModel
+    from quept_runtime.precision import PrecisionPlan
+
+    lm = load_model(checkpoint, backend=backend)
+    cm = CostModel.profile(lm.model, [PrecisionPlan.uniform(8), PrecisionPlan.uniform(4)], [1, peak], reps=3)
+    t8, t4 = cm.base("w8", peak), cm.base("w4", peak)
+    return round(tail * math.sqrt(t8 * t4) * 1e3, 1), {"backend": lm.backend.name, **cm.report()["profiled_ms"]}
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def plot(results: dict[str, Any], slo_ms: float, out_png: Path, note: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
+    colors = {"fixed w8": "tab:blue", "fixed w4": "tab:orange", "load": "tab:green"}
+    for name, res in results.items():
+        ws = res["windows"]
+        t = [w["t0"] + 0.5 * (ws[1]["t0"] - ws[0]["t0"] if len(ws) > 1 else 0) for w in ws]
+        c = colors.get(name)
+        if name == next(iter(results)):
+            axes[0].step(t, [w["clients"] for w in ws], where="mid", color="k")
+        axes[1].plot(t, [w["served_bits"] for w in ws], marker=".", color=c, label=name)
+        axes[2].plot(t, [w["p95_itl_ms"] for w in ws], marker=".", color=c, label=name)
+        axes[3].plot(t, [w["throughput_tok_s"] for w in ws], marker=".", color=c, label=name)
+    axes[2].axhline(slo_ms, color="r", ls="--", lw=1, label=f"SLO {slo_ms:g} ms")
+    axes[0].set_ylabel("offered load\n(concurrent clients)")
+    axes[1].set_ylabel("served bits\n(token-weighted)")
+    axes[2].set_ylabel("p95 ITL (ms)")
+    axes[3].set_ylabel("output tokens/s")
+    axes[3].set_xlabel("seconds into the ramp")
+    for ax in axes[1:]:
+        ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3)
+    axes[0].grid(alpha=0.3)
+    import textwrap
+
+    fig.suptitle("quept: load policy vs fixed widths under a load ramp\n" + textwrap.fill(note, 110), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, help="default: the default model, built once into ~/.cache/quept")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--levels", default="1,2,4,8,12,16,12,8,4,2,1", help="concurrent clients per phase")
+    ap.add_argument("--phase-s", type=float, default=8.0)
+    ap.add_argument("--window-s", type=float, default=4.0)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--slo-itl-ms", type=float, default=0.0, help="0: derive from a quick profile (see --tail-factor)")
+    ap.add_argument("--tail-factor", type=float, default=1.5)
+    ap.add_argument("--dwell-s", type=float, default=2.0)
+    ap.add_argument("--configs", default="fixed w8,fixed w4,load")
+    ap.add_argument("--out", type=Path, default=RESULTS / "adaptive_load.json")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    peak = max(levels)
+    t_start = time.perf_counter()
+    if args.checkpoint is None:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from cpu_decode import ensure_checkpoint  # the default model's path, built once
+
+        args.checkpoint = ensure_checkpoint(None)
+    slo, slo_profile = args.slo_itl_ms, None
+    if slo <= 0:
+        slo, slo_profile = auto_slo(args.checkpoint, args.backend, peak, args.tail_factor)
+        print(f"SLO {slo:.1f} ms ({args.tail_factor} x sqrt(w8 x w4 step at batch {peak}); profile {slo_profile})")
+    ppl, ppl_source = load_perplexities(args.checkpoint, args.backend)
+    common = ["--backend", args.backend, "--max-batch", str(peak), "--log-level", "info"]
+    configs = {
+        "fixed w8": ["--policy", "fixed", "--default-precision", "w8"],
+        "fixed w4": ["--policy", "fixed", "--default-precision", "w4"],
+        "load": ["--policy", "load", "--default-precision", "w8", "--slo-itl-ms", str(slo), "--load-dwell-s",
+                 str(args.dwell_s), "--load-floor", "w4"],
+    }
+    results: dict[str, Any] = {}
+    controller: dict[str, Any] = {}
+    for name in [c.strip() for c in args.configs.split(",")]:
+        log_path = Path("/tmp") / f"adaptive_load_{name.replace(' ', '_')}.log"
+        srv = ServerProcess(name, args.checkpoint, common + configs[name], log_path)
+        try:
+            t0 = time.perf_counter()
+            srv.wait_ready(300)
+            print(f"[{name}] ready in {time.perf_counter() - t0:.0f} s on {srv.url}; ramp {levels} x {args.phase_s} s",
+                  flush=True)
+            run = asyncio.run(run_ramp(srv.url, levels, args.phase_s, args.max_tokens))
+            import httpx
+
+            prec = httpx.get(srv.url + "/v1/precisions", timeout=10).json()
+            metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+            switches = {m.group(1): float(m.group(2)) for m in re.finditer(
+                r'quept:precision_switches_total\{policy="[^"]*",reason="([^"]+)"\} ([0-9.e+-]+)', metrics)}
+        finally:
+            srv.stop()
+        res = analyse(run, levels, args.phase_s, args.window_s, slo, ppl)
+        res["switches_by_reason"] = switches
+        results[name] = res
+        if prec.get("controller"):
+            controller[name] = prec["controller"]
+        print(f"[{name}] SLO met in {res['slo_attainment_windows']} of windows, {res['throughput_tok_s']} tok/s, "
+              f"{res['avg_served_bits']} bits, served ppl {res['served_ppl']}", flush=True)
+    cm = (controller.get("load") or {}).get("cost_model") or {}
+    prof = cm.get("profiled_ms", {})
+    flat = None
+    if "w8" in prof and "w4" in prof:
+        b = str(max(int(k) for k in prof["w8"]))
+        flat = prof["w4"][b] > 0.9 * prof["w8"][b]
+    note = (f"shared 2-core CPU machine (noisy; other engineers' jobs ran alongside), backend {args.backend}, "
+            f"SLO p95 ITL {slo:g} ms, ramp {levels} x {args.phase_s:g} s")
+    if flat:
+        note += "; this backend's step time does not drop with the width: the cost model shows it, no speed-up is claimed"
+    out = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "note": note,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "load_average_end": os.getloadavg()},
+        "checkpoint": str(args.checkpoint),
+        "slo_itl_ms": slo, "slo_profile_ms": slo_profile, "levels": levels, "phase_s": args.phase_s,
+        "window_s": args.window_s, "max_tokens": args.max_tokens,
+        "perplexity_per_width": ppl, "perplexity_source": ppl_source,
+        "backend_speed_depends_on_width": None if flat is None else not flat,
+        "results": results, "load_controller": controller.get("load"),
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    plot(results, slo, args.out.with_suffix(".png"), note)
+    print(f"\n{'config':<10} {'SLO met (windows)':>18} {'ITL<=SLO':>9} {'p95 ITL ms':>11} {'tok/s':>7} {'bits':>6} "
+          f"{'served ppl':>11}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['slo_attainment_windows']!s:>18} {r['itl_under_slo']!s:>9} {r['p95_itl_ms'] or 0:>11.1f} "
+              f"{r['throughput_tok_s']:>7.1f} {r['avg_served_bits']!s:>6} {r['served_ppl']!s:>11}")
+    print(f"\nperplexities: {ppl_source}; {note}\nwrote {args.out} and {args.out.with_suffix('.png')} "
+          f"in {out['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
