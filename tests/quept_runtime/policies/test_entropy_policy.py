@@ -161,3 +161,36 @@ def test_cost_model_profiles_the_tiny_model(lm):
     assert all(s > 0 for r in cm.table.values() for s in r.values())
     pol = LoadPolicy(lm, "w8", profile_batches="1,2", profile_reps=1, profile_context=8)
     assert set(pol.cost.table) == {"w8", "w6", "w5", "w4"}
+
+
+def test_load_policy_switches_running_sequences_and_keeps_the_kv_cache_valid(lm):
+    """Sequences joining raise the batch past the SLO: running `auto` sequences step down mid-generation
+    (and back up as the batch drains); each sequence's tokens equal generate() with the same per-step plans."""
+    frozen = CostModel.from_table(cost().table, min_samples=10**9)  # the table as is: no live correction
+    pol = LoadPolicy(lm, "w8", cost_model=frozen, slo_itl_ms=45, load_dwell_s=0)
+    eng = LLMEngine(lm.model, lm.tokenizer, pol, EngineConfig(kv_cache_bytes=1 << 20), eos_ids=())
+    ids = [tuple(lm.encode_chat(PROMPTS[k % 3]))[: 8 + k] for k in range(12)]
+    for k in range(3):
+        eng.add_request(GenerationRequest(f"s{k}", ids[k], 20, ignore_eos=True))
+    eng.add_request(GenerationRequest("fixed", ids[0], 20, spec=lm.parse("w4"), ignore_eos=True))
+    outs: dict[str, list] = {}
+    for step in range(60):
+        if step == 3:  # 8 more arrive: batch 12 > what w8 and w6 can serve within 45 ms
+            for k in range(3, 11):
+                eng.add_request(GenerationRequest(f"s{k}", ids[k], 4 + k, ignore_eos=True))
+        for o in eng.step():
+            outs.setdefault(o.request_id, []).append(o)
+        if not eng.has_unfinished():
+            break
+    plans = {f"w{b}": PrecisionPlan.uniform(b) for b in lm.widths}
+    seen = set()
+    for rid, got in outs.items():
+        per_step = [o.precision for o in got]
+        seen.update(per_step)
+        k = 0 if rid == "fixed" else int(rid[1:])
+        ref = generate(lm.model, list(ids[k]), lambda step, ps=per_step: plans[ps[step]], len(got),
+                       kv_budget_bytes=1 << 20)
+        assert [t for o in got for t in o.new_token_ids] == ref.tokens, f"{rid}: {per_step}"
+    assert set(o.precision for o in outs["fixed"]) == {"w4"}
+    assert len(set(o.precision for o in outs["s0"])) >= 2  # the first sequences switched mid-generation
+    assert [h["reason"] for h in pol.history][:1] == ["itl_slo"] and "headroom" in {h["reason"] for h in pol.history}
