@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from quept_runtime.policies import CostModel
 from quept_runtime.precision import PrecisionPlan, PrecisionSpec, parse_spec
 from quept_runtime.sequence import GenerationRequest, Sequence
@@ -51,12 +49,3 @@ TABLE = {
 
 def cost() -> CostModel:
     return CostModel.from_table(TABLE)
-
-
-@dataclass
-class Clock:
-    t: float = 0.0
-    calls: list[float] = field(default_factory=list)
-
-    def __call__(self) -> float:
-        return self.t

@@ -15,7 +15,7 @@ import pytest
 from quept_runtime.controller import POLICIES, StepContext, make_controller
 from quept_runtime.policies import CostModel, LoadPolicy, replay_trace
 from quept_runtime.policies.plans import within_bounds
-from tests.quept_runtime.policies.fakes import TABLE, Clock, Model, cost, seq
+from tests.quept_runtime.policies.fakes import TABLE, Model, cost, seq
 
 
 def policy(**kw) -> LoadPolicy:
@@ -29,8 +29,8 @@ def trace(batches, dt=0.5, waiting=0, kv=0.1):
 
 
 def test_registered_and_ladder_from_floor_to_default():
-    assert POLICIES.get("load") is LoadPolicy or isinstance(make_controller("load", Model(), "w8", cost_model=cost()),
-                                                            LoadPolicy)
+    assert POLICIES["load"] is LoadPolicy
+    assert isinstance(make_controller("load", Model(), "w8", cost_model=cost()), LoadPolicy)
     assert [p.name for p in policy().ladder] == ["w8", "w6", "w5", "w4"]
     assert [p.name for p in policy(default="w6", load_floor="w3").ladder] == ["w6", "w5", "w4", "w3"]
     assert [p.name for p in policy(load_plans="w4, mixed:5,w8").ladder] == ["w8", "mixed:5", "w4"]
