@@ -11,4 +11,11 @@ if [ -z "${QUEPT_CHECKPOINT:-}" ] && [ -f /checkpoint/elastic.json ]; then
   export QUEPT_CHECKPOINT=/checkpoint
 fi
 mkdir -p "${QUEPT_CACHE_DIR:-/data}" 2>/dev/null || true
+# Native CPU kernels prebuilt in the image (NATIVE_KERNELS=1): seed the cache, never rebuild.
+if [ -d /opt/quept/cache/native ] && [ -n "${QUEPT_CACHE_DIR:-}" ]; then
+  mkdir -p "$QUEPT_CACHE_DIR/native" 2>/dev/null || true
+  for d in /opt/quept/cache/native/*; do
+    [ -e "$d" ] && [ ! -e "$QUEPT_CACHE_DIR/native/${d##*/}" ] && cp -r "$d" "$QUEPT_CACHE_DIR/native/" 2>/dev/null || true
+  done
+fi
 exec quept "$@"

@@ -97,7 +97,8 @@ def test_scripts_parse(script: str) -> None:
 
 def test_entrypoint_serves_a_mounted_checkpoint(tmp_path) -> None:
     """/checkpoint is used when it holds a checkpoint and QUEPT_CHECKPOINT is unset."""
-    script = (DEPLOY / "entrypoint.sh").read_text().replace("/checkpoint", str(tmp_path / "ckpt"))
+    script = ((DEPLOY / "entrypoint.sh").read_text().replace("/checkpoint", str(tmp_path / "ckpt"))
+              .replace("/opt/quept/cache", str(tmp_path / "prebuilt")))
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "quept").write_text('#!/bin/sh\necho "ckpt=${QUEPT_CHECKPOINT-unset} args=$*"\n')
@@ -114,3 +115,13 @@ def test_entrypoint_serves_a_mounted_checkpoint(tmp_path) -> None:
     (fake / "quept").write_text('#!/bin/sh\necho "key=${QUEPT_API_KEY-unset} len=${QUEPT_MAX_MODEL_LEN-unset}"\n')
     assert run(QUEPT_API_KEY="", QUEPT_MAX_MODEL_LEN="") == "key=unset len=unset"  # empty = not set
     assert run(QUEPT_API_KEY="k", QUEPT_MAX_MODEL_LEN="64") == "key=k len=64"
+    # native kernels prebuilt in the image seed the cache once and are not overwritten
+    so = tmp_path / "prebuilt" / "native" / "quept_native_abc" / "quept_native_abc.so"
+    so.parent.mkdir(parents=True)
+    so.write_text("prebuilt")
+    run()
+    seeded = tmp_path / "data" / "native" / "quept_native_abc" / "quept_native_abc.so"
+    assert seeded.read_text() == "prebuilt"
+    seeded.write_text("rebuilt")
+    run()
+    assert seeded.read_text() == "rebuilt"
