@@ -81,6 +81,7 @@ def work_hf(ids: list[int], tokens: int, threads: int, batch: int) -> dict[str, 
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
+    base = rss()["rss_mb"]
     path = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                  local_files_only=True).eval()
@@ -91,7 +92,8 @@ def work_hf(ids: list[int], tokens: int, threads: int, batch: int) -> dict[str, 
         streamer = TokenTimes()
         out = model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, streamer=streamer, **kw)
         result: dict[str, Any] = {"tokens": len(streamer.times), "tokens_per_s": decode_rate(streamer.times),
-                                  "text_ids": out[0, len(ids):len(ids) + 24].tolist(), **rss()}
+                                  "text_ids": out[0, len(ids):len(ids) + 24].tolist(), **rss(),
+                                  "rss_before_load_mb": base}
         if batch > 1:
             t0 = time.perf_counter()
             out = model.generate(x.repeat(batch, 1), max_new_tokens=tokens, min_new_tokens=tokens, **kw)
@@ -105,6 +107,7 @@ def work_hf(ids: list[int], tokens: int, threads: int, batch: int) -> dict[str, 
 def work_llama(ids: list[int], tokens: int, threads: int) -> dict[str, Any]:
     from llama_cpp import Llama, llama_print_system_info
 
+    base = rss()["rss_mb"]
     llm = Llama(model_path=str(gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=1024, seed=0,
                 verbose=False)
     out: list[int] = []
@@ -120,7 +123,7 @@ def work_llama(ids: list[int], tokens: int, threads: int) -> dict[str, Any]:
 
     return {"tokens": len(times), "tokens_per_s": decode_rate(times), "text_ids": out[:24],
             "llama_cpp_python": llama_cpp.__version__,
-            "system_info": info.decode() if isinstance(info, bytes) else str(info), **rss()}
+            "system_info": info.decode() if isinstance(info, bytes) else str(info), **rss(), "rss_before_load_mb": base}
 
 
 def work_quept(checkpoint: str, backend: str, bits: int, ids: list[int], tokens: int, threads: int,
@@ -135,6 +138,9 @@ def work_quept(checkpoint: str, backend: str, bits: int, ids: list[int], tokens:
     from quept_runtime.precision import PrecisionPlan
 
     torch.set_num_threads(threads)
+    from transformers import AutoTokenizer  # noqa: F401  (imported before the baseline, as load_model does)
+
+    base = rss()["rss_mb"]
     lm = load_model(checkpoint, backend=backend)
     plan = PrecisionPlan.uniform(bits)
     generate(lm.model, ids, plan, 4)  # warm-up
@@ -145,7 +151,7 @@ def work_quept(checkpoint: str, backend: str, bits: int, ids: list[int], tokens:
     result: dict[str, Any] = {
         "tokens": len(res.tokens), "tokens_per_s": res.decode_tokens_per_second,
         "mean_step_ms": 1e3 * sum(times) / max(len(times), 1), "text_ids": res.tokens[:24],
-        "backend_resident_mb": kernel_mb, "master_codes_mb": master_mb, **rss(),
+        "backend_resident_mb": kernel_mb, "master_codes_mb": master_mb, **rss(), "rss_before_load_mb": base,
     }
     if backend == "native":
         from kernels.native import current_isa
@@ -254,7 +260,7 @@ def summarize(res: dict[str, Any], batch: int) -> dict[str, Any]:
     key = f"batch{batch}_tokens_per_s"
     if batch > 1:
         s[key] = {"hf_fp32": res["hf"].get(key), **{f"w{b}": res[f"w{b}"].get(key) for b in quept}}
-    for key in ("rss_mb", "peak_rss_mb"):
+    for key in ("rss_mb", "peak_rss_mb", "rss_before_load_mb"):
         s[key] = {"hf_fp32": res["hf"].get(key), "llama_cpp_q4_1": res["llama"].get(key),
                   **{f"w{b}": res[f"w{b}"].get(key) for b in quept}}
     return s

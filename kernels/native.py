@@ -192,3 +192,14 @@ def set_isa(name: str) -> None:
 
 def current_isa() -> str:
     return str(load_native().current_isa())
+
+
+def main() -> None:
+    """`python -m kernels.native`: build (or find) the extension now, e.g. while building an image."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    module = load_native()
+    log.info("%s: ISA %s (available: %s)", module.__file__, module.current_isa(), ", ".join(module.available_isas()))
+
+
+if __name__ == "__main__":
+    main()
