@@ -214,6 +214,7 @@ def analyse(run: dict[str, Any], levels: list[int], phase_s: float, window_s: fl
         "tokens_by_width": {b: round(n, 1) for b, n in sorted(per_width.items(), reverse=True) if n},
         "avg_served_bits": None if served_bits is None else round(served_bits, 3),
         "served_ppl": round(math.exp(nll / covered), 3) if covered else None,
+        "served_ppl_vs_w8": round(math.exp(nll / covered) / ppl[8] - 1, 4) if covered and 8 in ppl else None,
         "windows": windows,
     }
 
