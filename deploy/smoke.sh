@@ -21,6 +21,8 @@
 #   QUEPT_SMOKE_KEEP=1      keep the image and the data volume (faster reruns)
 #   QUEPT_SMOKE_BUILD_ARGS  extra arguments for the build command
 #   QUEPT_SMOKE_RUN_ENV     extra `-e` settings for the container, space-separated KEY=VALUE
+#   QUEPT_SMOKE_EXPECT_BACKEND  fail unless the server reports this backend (e.g. native with
+#                           QUEPT_SMOKE_BUILD_ARGS="--build-arg NATIVE_KERNELS=1")
 # On podman the build and the container use the host network, runc when it is installed
 # (crun fails on some hybrid cgroup hosts) and explicit ulimits; the host's CA bundle is handed
 # to the build, so pip works behind a TLS-intercepting proxy.
@@ -179,7 +181,7 @@ fi
 
 # ----------------------------------------------------------------- completion + metrics
 python3 - "$port" <<'EOF' || die "completion or metrics check failed"
-import json, re, sys, time, urllib.request
+import json, os, re, sys, time, urllib.request
 
 base = f"http://127.0.0.1:{sys.argv[1]}"
 
@@ -189,6 +191,11 @@ def get(path):
 
 models = json.loads(get("/v1/models"))["data"]
 model = models[0]["id"]
+info = json.loads(get("/v1/precisions"))
+print(f"[smoke] serving {model}: backend {info.get('backend')}, policy {info.get('policy')}, "
+      f"default {info.get('default')}, widths {[w['name'] for w in info.get('widths', [])]}")
+want = os.environ.get("QUEPT_SMOKE_EXPECT_BACKEND")
+assert not want or info.get("backend") == want, f"backend {info.get('backend')!r}, expected {want!r}"
 body = {"model": model, "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
 req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
                              headers={"Content-Type": "application/json", "X-Precision": "w4"})
