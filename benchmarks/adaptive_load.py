@@ -16,8 +16,10 @@ cost model (profiled at its start, corrected by live steps) and its switches are
     python benchmarks/adaptive_load.py                      # ~7 min on 2 cores
     python benchmarks/adaptive_load.py --slo-itl-ms 250 --phase-s 6
 
-SLO: `--slo-itl-ms`, or (0, the default) derived from a quick in-process profile:
-`--tail-factor` x the geometric mean of the w8 and w4 decode step at the peak batch.
+SLO: `--slo-itl-ms`, or (0, the default) set from the run itself: `fixed w8` and `fixed w4` run
+first, and the SLO is the geometric mean of the p95 ITL they reached at the peak level, i.e. a
+target that w4 can meet at peak and w8 cannot (without both fixed runs: `--tail-factor` x the
+geometric mean of the profiled w8 and w4 decode step at the peak batch).
 Writes benchmarks/results/adaptive_load.json and adaptive_load.png.
 """
 
@@ -219,6 +221,15 @@ def analyse(run: dict[str, Any], levels: list[int], phase_s: float, window_s: fl
     }
 
 
+def peak_p95(run: dict[str, Any], levels: list[int], phase_s: float) -> float:
+    """p95 ITL (ms) of the gaps that ended during the peak-level phases."""
+    peak = max(levels)
+    spans = [(i * phase_s, (i + 1) * phase_s) for i, c in enumerate(levels) if c == peak]
+    gaps = [(b - a) * 1e3 for r in run["records"] if r["status"] == 200 for a, b in zip(r["times"], r["times"][1:])
+            if any(lo <= b < hi for lo, hi in spans)]
+    return p95(gaps) or float("nan")
+
+
 def load_perplexities(checkpoint: Path, backend: str) -> tuple[dict[int, float], str]:
     """Per-width perplexity: quality_calibrated.json (calibrated checkpoints) or quality_rtn.json, else a quick eval."""
     meta = json.loads((checkpoint / "elastic.json").read_text())
@@ -315,42 +326,57 @@ def main() -> int:
         from cpu_decode import ensure_checkpoint  # the default model's path, built once
 
         args.checkpoint = ensure_checkpoint(None)
-    slo, slo_profile = args.slo_itl_ms, None
-    if slo <= 0:
-        slo, slo_profile = auto_slo(args.checkpoint, args.backend, peak, args.tail_factor)
-        print(f"SLO {slo:.1f} ms ({args.tail_factor} x sqrt(w8 x w4 step at batch {peak}); profile {slo_profile})")
+    names = [c.strip() for c in args.configs.split(",")]
+    slo, slo_source = args.slo_itl_ms, "given"
+    from_runs = slo <= 0 and {"fixed w8", "fixed w4"} <= set(names)
+    if slo <= 0 and not from_runs:
+        slo, prof = auto_slo(args.checkpoint, args.backend, peak, args.tail_factor)
+        slo_source = f"{args.tail_factor} x sqrt(w8 x w4 decode step at batch {peak}), profiled: {prof}"
+        print(f"SLO {slo:.1f} ms: {slo_source}")
+    if from_runs:  # the fixed runs first: the SLO is then set between what they reached at peak load
+        names = ["fixed w8", "fixed w4"] + [n for n in names if n not in ("fixed w8", "fixed w4")]
     ppl, ppl_source = load_perplexities(args.checkpoint, args.backend)
     common = ["--backend", args.backend, "--max-batch", str(peak), "--log-level", "info"]
     configs = {
         "fixed w8": ["--policy", "fixed", "--default-precision", "w8"],
         "fixed w4": ["--policy", "fixed", "--default-precision", "w4"],
-        "load": ["--policy", "load", "--default-precision", "w8", "--slo-itl-ms", str(slo), "--load-dwell-s",
-                 str(args.dwell_s), "--load-floor", "w4"],
+        "load": ["--policy", "load", "--default-precision", "w8", "--load-dwell-s", str(args.dwell_s),
+                 "--load-floor", "w4"],
     }
-    results: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
     controller: dict[str, Any] = {}
-    for name in [c.strip() for c in args.configs.split(",")]:
+    for name in names:
+        if name == "load" and from_runs:
+            p8, p4 = (peak_p95(runs[n], levels, args.phase_s) for n in ("fixed w8", "fixed w4"))
+            slo = round(math.sqrt(p8 * p4), 1)
+            slo_source = (f"geometric mean of the p95 ITL fixed w8 ({p8:.1f} ms) and fixed w4 ({p4:.1f} ms) "
+                          f"reached at the peak ({peak} clients) in this run")
+            print(f"SLO {slo:.1f} ms: {slo_source}", flush=True)
+        flags = configs[name] + (["--slo-itl-ms", str(slo)] if name == "load" else [])
         log_path = Path("/tmp") / f"adaptive_load_{name.replace(' ', '_')}.log"
-        srv = ServerProcess(name, args.checkpoint, common + configs[name], log_path)
+        srv = ServerProcess(name, args.checkpoint, common + flags, log_path)
         try:
             t0 = time.perf_counter()
             srv.wait_ready(300)
             print(f"[{name}] ready in {time.perf_counter() - t0:.0f} s on {srv.url}; ramp {levels} x {args.phase_s} s",
                   flush=True)
-            run = asyncio.run(run_ramp(srv.url, levels, args.phase_s, args.max_tokens))
+            runs[name] = asyncio.run(run_ramp(srv.url, levels, args.phase_s, args.max_tokens))
             import httpx
 
             prec = httpx.get(srv.url + "/v1/precisions", timeout=10).json()
             metrics = httpx.get(srv.url + "/metrics", timeout=10).text
-            switches = {m.group(1): float(m.group(2)) for m in re.finditer(
+            extras[name] = {m.group(1): float(m.group(2)) for m in re.finditer(
                 r'quept:precision_switches_total\{policy="[^"]*",reason="([^"]+)"\} ([0-9.e+-]+)', metrics)}
         finally:
             srv.stop()
-        res = analyse(run, levels, args.phase_s, args.window_s, slo, ppl)
-        res["switches_by_reason"] = switches
-        results[name] = res
         if prec.get("controller"):
             controller[name] = prec["controller"]
+    results: dict[str, Any] = {}
+    for name, run in runs.items():
+        res = analyse(run, levels, args.phase_s, args.window_s, slo, ppl)
+        res["switches_by_reason"] = extras[name]
+        results[name] = res
         print(f"[{name}] SLO met in {res['slo_attainment_windows']} of windows, {res['throughput_tok_s']} tok/s, "
               f"{res['avg_served_bits']} bits, served ppl {res['served_ppl']}", flush=True)
     cm = (controller.get("load") or {}).get("cost_model") or {}
@@ -369,7 +395,7 @@ def main() -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_average_end": os.getloadavg()},
         "checkpoint": str(args.checkpoint),
-        "slo_itl_ms": slo, "slo_profile_ms": slo_profile, "levels": levels, "phase_s": args.phase_s,
+        "slo_itl_ms": slo, "slo_source": slo_source, "levels": levels, "phase_s": args.phase_s,
         "window_s": args.window_s, "max_tokens": args.max_tokens,
         "perplexity_per_width": ppl, "perplexity_source": ppl_source,
         "backend_speed_depends_on_width": None if flat is None else not flat,
