@@ -73,6 +73,12 @@ def decode_rate(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
 
 
+def median_rate(times: list[float]) -> float:
+    """1 / median inter-token time of the same run: robust to a few preempted steps on a shared machine."""
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    return 1.0 / gaps[len(gaps) // 2] if gaps else float("nan")
+
+
 # ----------------------------------------------------------------------------- workers (subprocesses)
 
 
@@ -92,6 +98,7 @@ def work_hf(ids: list[int], tokens: int, threads: int, batch: int) -> dict[str, 
         streamer = TokenTimes()
         out = model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, streamer=streamer, **kw)
         result: dict[str, Any] = {"tokens": len(streamer.times), "tokens_per_s": decode_rate(streamer.times),
+                                  "tokens_per_s_median": median_rate(streamer.times),
                                   "text_ids": out[0, len(ids):len(ids) + 24].tolist(), **rss(),
                                   "rss_before_load_mb": base}
         if batch > 1:
@@ -121,7 +128,8 @@ def work_llama(ids: list[int], tokens: int, threads: int) -> dict[str, Any]:
     info = llama_print_system_info()
     import llama_cpp
 
-    return {"tokens": len(times), "tokens_per_s": decode_rate(times), "text_ids": out[:24],
+    return {"tokens": len(times), "tokens_per_s": decode_rate(times), "tokens_per_s_median": median_rate(times),
+            "text_ids": out[:24],
             "llama_cpp_python": llama_cpp.__version__,
             "system_info": info.decode() if isinstance(info, bytes) else str(info), **rss(), "rss_before_load_mb": base}
 
@@ -146,10 +154,12 @@ def work_quept(checkpoint: str, backend: str, bits: int, ids: list[int], tokens:
     generate(lm.model, ids, plan, 4)  # warm-up
     res = generate(lm.model, ids, plan, tokens)  # no stop ids: exactly `tokens` tokens
     times = list(res.step_seconds[1:])
+    stamps = [sum(times[:i]) for i in range(len(times) + 1)]
     kernel_mb = sum(lm.backend.resident_bytes(lin.prepared) for lin in lm.model.linears) / 2**20
     master_mb = sum(lin.weights.codes.numel() for lin in lm.model.linears) / 2**20
     result: dict[str, Any] = {
         "tokens": len(res.tokens), "tokens_per_s": res.decode_tokens_per_second,
+        "tokens_per_s_median": median_rate(stamps),
         "mean_step_ms": 1e3 * sum(times) / max(len(times), 1), "text_ids": res.tokens[:24],
         "backend_resident_mb": kernel_mb, "master_codes_mb": master_mb, **rss(), "rss_before_load_mb": base,
     }
@@ -238,7 +248,11 @@ def summarize(res: dict[str, Any], batch: int) -> dict[str, Any]:
     hf = res["hf"].get("tokens_per_s")
     ll = res["llama"].get("tokens_per_s")
     quept = {b: res[f"w{b}"].get("tokens_per_s") for b in WIDTHS if "error" not in res.get(f"w{b}", {"error": 1})}
-    s: dict[str, Any] = {"tokens_per_s": {"hf_fp32": hf, "llama_cpp_q4_1": ll, **{f"w{b}": v for b, v in quept.items()}}}
+    s: dict[str, Any] = {"tokens_per_s": {"hf_fp32": hf, "llama_cpp_q4_1": ll, **{f"w{b}": v for b, v in quept.items()}},
+                         "tokens_per_s_median_step": {
+                             "hf_fp32": res["hf"].get("tokens_per_s_median"),
+                             "llama_cpp_q4_1": res["llama"].get("tokens_per_s_median"),
+                             **{f"w{b}": res[f"w{b}"].get("tokens_per_s_median") for b in quept}}}
     if hf:
         s["ratio_vs_hf"] = {f"w{b}": v / hf for b, v in quept.items()}
     if ll:
@@ -358,7 +372,8 @@ def main() -> None:
         res[name] = run_worker(spec, timeout=1200)
         r = res[name]
         print(f"{name:>6}: " + (r["error"][-400:] if "error" in r else
-              f"{r['tokens_per_s']:7.1f} tok/s  peak RSS {r['peak_rss_mb']:6.0f} MiB" +
+              f"{r['tokens_per_s']:7.1f} tok/s (median step {r.get('tokens_per_s_median', float('nan')):6.1f})"
+              f"  peak RSS {r['peak_rss_mb']:6.0f} MiB" +
               (f"  batch{args.batch} {r[f'batch{args.batch}_tokens_per_s']:7.1f} tok/s"
                if f"batch{args.batch}_tokens_per_s" in r else "")), flush=True)
     res.setdefault("hf", {})
