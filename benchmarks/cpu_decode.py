@@ -172,6 +172,44 @@ def work_quept(checkpoint: str, backend: str, bits: int, ids: list[int], tokens:
     return result
 
 
+def work_kernels(checkpoint: str, threads: int, reps: int = 7) -> dict[str, Any]:
+    """All of the model's linears once at M=1 (one decode token), per width and ISA path: the fastest
+    of `reps` passes, wall and CPU time, and the bytes each width reads (codes, affines, adapters)."""
+    import torch
+
+    from kernels.native import available_isas, set_isa
+    from quept_runtime.backends.native_backend import NativeBackend
+    from quept_runtime.checkpoint import load_checkpoint
+    from quept_runtime.model import linear_names
+
+    torch.set_num_threads(threads)
+    ckpt = load_checkpoint(checkpoint)
+    args_names = [n for n in linear_names(ckpt.hf_config["num_hidden_layers"]) if n in ckpt.elastic]
+    be = NativeBackend()
+    layers = [(be.prepare(ckpt.elastic[n]), ckpt.elastic[n]) for n in args_names]
+    xs = {k: torch.randn(1, k) for k in {w.in_features for _, w in layers}}
+    out: dict[str, Any] = {"threads": threads, "linears": len(layers), "bytes_read_mb": {}, "ms_per_token": {}}
+    for bits in WIDTHS:
+        nbytes = 0
+        for _, w in layers:
+            n, k, r = w.out_features, w.in_features, w.rank_of(bits)
+            nbytes += n * k * bits / 8 + 2 * 2 * n * k / w.group_size + 2 * r * (k + n)
+        out["bytes_read_mb"][f"w{bits}"] = nbytes / 2**20
+    for isa in available_isas()[1:]:
+        set_isa(isa)
+        for bits in WIDTHS:
+            best_wall = best_cpu = float("inf")
+            for _ in range(reps):
+                t0, c0 = time.perf_counter(), time.process_time()
+                for prep, w in layers:
+                    be.forward(prep, xs[w.in_features], bits)
+                best_wall = min(best_wall, time.perf_counter() - t0)
+                best_cpu = min(best_cpu, time.process_time() - c0)
+            out["ms_per_token"][f"{isa} w{bits}"] = {"wall": 1e3 * best_wall, "cpu": 1e3 * best_cpu,
+                                                     "GB_per_s": out["bytes_read_mb"][f"w{bits}"] / 1024 / best_wall}
+    return out
+
+
 def engine_batch(lm: Any, bits: int, ids: list[int], tokens: int, batch: int) -> dict[str, Any]:
     from quept_runtime.engine import EngineConfig, LLMEngine
     from quept_runtime.sequence import GenerationRequest
@@ -191,7 +229,7 @@ def engine_batch(lm: Any, bits: int, ids: list[int], tokens: int, batch: int) ->
 def worker(args: argparse.Namespace) -> None:
     spec = json.loads(args.worker)
     kind = spec.pop("kind")
-    fn = {"hf": work_hf, "llama": work_llama, "quept": work_quept}[kind]
+    fn = {"hf": work_hf, "llama": work_llama, "quept": work_quept, "kernels": work_kernels}[kind]
     print("RESULT " + json.dumps(fn(**spec)), flush=True)
 
 
@@ -267,6 +305,11 @@ def summarize(res: dict[str, Any], batch: int) -> dict[str, Any]:
         "monotonic": s["monotonic_8_to_2"],
     }
     extra = {k: v.get("tokens_per_s") for k, v in res.items() if k.startswith("w") and "-" in k and "error" not in v}
+    kern = {k: v for k, v in res.items() if k.startswith("kernels") and "error" not in v}
+    if kern:
+        s["linears_ms_per_token"] = {k: {name: round(t["wall"], 3) for name, t in v["ms_per_token"].items()}
+                                     for k, v in kern.items()}
+        s["bytes_read_mb_per_token"] = next(iter(kern.values()))["bytes_read_mb"]
     if extra:
         s["tokens_per_s_forced_isa"] = extra
         if ll:
@@ -345,6 +388,7 @@ def main() -> None:
     parser.add_argument("--also-isa", default="avx2",
                         help="also run batch-1 decode with this ISA path forced (e.g. avx2: what AVX2-only CPUs get); "
                              "'' to skip")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the per-width kernel table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -368,8 +412,16 @@ def main() -> None:
         for b in WIDTHS:
             jobs.append((f"w{b}-{args.also_isa}", {"kind": "quept", "checkpoint": str(ckpt), "backend": "native",
                                                   "bits": b, **common, "batch": 1, "isa": args.also_isa}))
+    if not args.no_kernels and args.backend == "native":
+        for t in sorted({1, args.threads}):
+            jobs.append((f"kernels-{t}t", {"kind": "kernels", "checkpoint": str(ckpt), "threads": t}))
     for name, spec in jobs:
         res[name] = run_worker(spec, timeout=1200)
+        if name.startswith("kernels"):
+            r = res[name]
+            print(f"{name}: " + (r["error"][-400:] if "error" in r else ", ".join(
+                f"{k} {v['wall']:.2f} ms" for k, v in r["ms_per_token"].items())), flush=True)
+            continue
         r = res[name]
         print(f"{name:>6}: " + (r["error"][-400:] if "error" in r else
               f"{r['tokens_per_s']:7.1f} tok/s (median step {r.get('tokens_per_s_median', float('nan')):6.1f})"
