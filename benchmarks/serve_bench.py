@@ -212,15 +212,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 for p in precisions]
         bars = ax1.bar([i + j * width for i in range(len(precisions))], vals, width, label=f"{c} client(s)")
         ax1.bar_label(bars, fmt="%.1f")
+    top = max(r["output_throughput"] for r in runs)
     for i, p in enumerate(precisions):
         ratio = report["speedup"].get(p)
         if ratio:
-            ax1.text(i + width * (len(levels) - 1) / 2, 0, f"x{ratio:.2f}", ha="center", va="bottom", color="white",
-                     fontweight="bold")
+            ax1.text(i + width * (len(levels) - 1) / 2, top * 1.12, f"x{ratio:.2f}", ha="center", fontweight="bold")
+    ax1.set_ylim(0, top * 1.25)
     ax1.set_xticks([i + width * (len(levels) - 1) / 2 for i in range(len(precisions))], precisions)
     ax1.set_ylabel("output tokens / s")
-    ax1.set_title("output-token throughput")
-    ax1.legend()
+    ax1.set_title("output-token throughput (bold: speedup)")
+    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=len(levels), fontsize=8)
     metrics = ["median_ttft_ms", "median_tpot_ms", "median_itl_ms", "p99_itl_ms"]
     labels = [f"{r['precision']} c={r['concurrency']}" for r in runs]
     w = 0.8 / len(metrics)
@@ -232,9 +233,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax2.set_title("latency")
     ax2.legend(fontsize=8)
     s = report["settings"]
+    load = statistics.fmean(r["load_average_before"] for r in runs)
     fig.suptitle(f"quept serve, {s['model']} ({s['backend']} backend), {s['num_prompts']} prompts of "
-                 f"{s['input_len']} -> {s['output_len']} tokens, {report['machine']['cores']} CPU cores (shared)",
-                 fontsize=10)
+                 f"{s['input_len']} -> {s['output_len']} tokens, {report['machine']['cores']} CPU cores shared "
+                 f"(load average ~{load:.0f})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
