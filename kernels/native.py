@@ -8,7 +8,8 @@ chosen at run time from what the CPU reports (AVX-512 VNNI, AVX2/FMA/F16C, or pl
 build runs on any x86-64 CPU, and on other CPUs through the plain C++ path.
 
 With `ninja` installed the build goes through `torch.utils.cpp_extension.load`; without it the
-compiler is called directly. With no C++ compiler, `load_native` raises `RuntimeError`, which
+compiler is called directly. A cached build loads without a compiler (an image can ship one built
+by `python -m kernels.native`). With neither, `load_native` raises `RuntimeError`, which
 `quept_runtime.backends.get_backend('auto')` turns into a logged fallback to the `torch` backend.
 
 Environment:
@@ -116,13 +117,18 @@ def _import_path(name: str, path: Path) -> ModuleType:
 
 
 def _build() -> ModuleType:
+    name = f"quept_native_{build_key()}"
+    build_dir = cache_dir() / "native" / name
+    for built in sorted(build_dir.glob(f"{name}*.so")) if build_dir.is_dir() else []:
+        try:  # built before (or shipped in an image): no compiler needed
+            return _import_path(name, built)
+        except (ImportError, OSError) as err:
+            log.warning("cannot load the cached native kernels %s (%s); rebuilding", built, err)
     compiler = find_compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++); the native CPU kernels cannot be built")
-    name = f"quept_native_{build_key()}"
-    build_dir = cache_dir() / "native" / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    fresh = not any(build_dir.glob(f"{name}*.so"))
+    fresh = True
     if fresh:
         log.warning("building the native CPU kernels (once per torch/Python version, about a minute) in %s", build_dir)
     start = time.perf_counter()

@@ -87,7 +87,15 @@ def test_group_size_16_runs_on_torch_fallback(gen, caplog) -> None:
     torch.testing.assert_close(be.forward(prep, x, 6), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_no_compiler_falls_back_to_torch(monkeypatch, caplog) -> None:
+def test_cached_build_loads_without_a_compiler(monkeypatch) -> None:
+    native_mod.load_native()  # built (or found) with the compiler
+    monkeypatch.setattr(native_mod, "_module", None)
+    monkeypatch.setattr(native_mod, "find_compiler", lambda: None)
+    assert native_mod.load_native().available_isas()[0] == "generic"
+
+
+def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog) -> None:
+    monkeypatch.setenv("QUEPT_CACHE_DIR", str(tmp_path))  # nothing built there
     monkeypatch.setattr(native_mod, "_module", None)
     monkeypatch.setattr(native_mod, "find_compiler", lambda: None)
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
