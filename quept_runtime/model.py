@@ -151,8 +151,8 @@ class DecodeGroup:
     """The single-row (decode) sequences of a batch, attended in one padded attention call."""
 
     rows: torch.Tensor  # [B] row of each decoding sequence in the flat batch
-    slots: torch.Tensor  # [B * Lmax] context slot ids, each sequence padded to Lmax with slot 0
-    mask: torch.Tensor  # [B, 1, 1, Lmax] bool, True where the key is real
+    blocks: torch.Tensor  # [B * NB] KV block ids of each sequence, padded to NB blocks with block 0
+    mask: torch.Tensor  # [B, 1, 1, Lmax] bool, True where the key is real (Lmax = NB * block_size)
     max_len: int  # Lmax
 
 
@@ -210,11 +210,15 @@ class ElasticModel(nn.Module):
         g = layout.decode
         if g is not None:  # all decode rows in one call instead of one call per sequence
             n = g.rows.numel()
-            qd = q.index_select(0, g.rows).unsqueeze(2)  # [B, Hq, 1, D]
-            kd = k_flat.index_select(0, g.slots).view(n, g.max_len, a.n_kv_heads, a.head_dim).transpose(1, 2)
-            vd = v_flat.index_select(0, g.slots).view(n, g.max_len, a.n_kv_heads, a.head_dim).transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, enable_gqa=a.n_heads != a.n_kv_heads)
-            out.index_copy_(0, g.rows, od.squeeze(2))  # [B, Hq, D]
+            # the G = Hq / Hkv query heads of a KV head act as G query positions: no K/V expansion for GQA
+            group = a.n_heads // a.n_kv_heads
+            qd = q.index_select(0, g.rows).view(n, a.n_kv_heads, group, a.head_dim)  # [B, Hkv, G, D]
+            # whole blocks are gathered (contiguous copies), then viewed as [B, Hkv, Lmax, D]
+            kd = cache.k_cache[layer].index_select(0, g.blocks).view(n, g.max_len, a.n_kv_heads, a.head_dim)
+            vd = cache.v_cache[layer].index_select(0, g.blocks).view(n, g.max_len, a.n_kv_heads, a.head_dim)
+            kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask)  # [B, Hkv, G, D]
+            out.index_copy_(0, g.rows, od.reshape(n, a.n_heads, a.head_dim))  # [B, Hq, D]
             seqs = [s for s in seqs if s.length != 1]
         for s in seqs:
             qs = q[s.start : s.start + s.length].transpose(0, 1)  # [Hq, Lq, D]
@@ -268,27 +272,27 @@ class ElasticModel(nn.Module):
 
 def build_layout(cache: PagedKVCache, seqs: Sequence[tuple[Any, int]]) -> BatchLayout:
     """Reserve cache slots for each (SequenceBlocks, new_rows) and describe the flat batch."""
-    slices, writes, start = [], [], 0
+    slices, writes, tables, start = [], [], [], 0
     for blocks, n_new in seqs:
         before = blocks.num_tokens
         writes.append(cache.reserve(blocks, n_new))
         slices.append(SeqSlice(start, n_new, before, cache.slots(blocks, 0, before + n_new)))
+        tables.append(blocks.block_table)
         start += n_new
-    return BatchLayout(torch.cat(writes), slices, decode_group(slices))
+    return BatchLayout(torch.cat(writes), slices, decode_group(slices, tables, cache.block_size))
 
 
-def decode_group(slices: Sequence[SeqSlice]) -> DecodeGroup | None:
-    """Padded context slots of the single-row sequences, when at least two decode together."""
-    dec = [s for s in slices if s.length == 1]
+def decode_group(slices: Sequence[SeqSlice], tables: Sequence[list[int]], block_size: int) -> DecodeGroup | None:
+    """Padded block tables of the single-row sequences, when at least two decode together."""
+    dec = [(s, t) for s, t in zip(slices, tables) if s.length == 1]
     if len(dec) < 2:
         return None
-    lens = torch.tensor([s.ctx_slots.numel() for s in dec])  # [B]
-    max_len = int(lens.max())
-    slots = torch.zeros(len(dec), max_len, dtype=torch.int64)  # [B, Lmax]; padding reads slot 0, masked out
-    for i, s in enumerate(dec):
-        slots[i, : s.ctx_slots.numel()] = s.ctx_slots
+    n_blocks = max(len(t) for _, t in dec)
+    blocks = torch.tensor([t + [0] * (n_blocks - len(t)) for _, t in dec], dtype=torch.int64)  # [B, NB]
+    lens = torch.tensor([s.ctx_slots.numel() for s, _ in dec])  # [B]
+    max_len = n_blocks * block_size
     mask = (torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)).view(len(dec), 1, 1, max_len)
-    return DecodeGroup(torch.tensor([s.start for s in dec]), slots.view(-1), mask, max_len)
+    return DecodeGroup(torch.tensor([s.start for s, _ in dec]), blocks.view(-1), mask, max_len)
 
 
 def elastic_model_from_checkpoint(ckpt: Any, backend: ElasticBackend) -> ElasticModel:
