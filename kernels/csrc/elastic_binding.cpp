@@ -366,11 +366,23 @@ class Layer {
         const ActView A{xq, dx, xqsum, xsum, u, out.data_ptr<float>()};
         const int64_t tile_work = kTileRows * K * M;
         const int64_t grain = std::max<int64_t>(1, 65536 / tile_work);
-        at::parallel_for(0, L_.n_tiles, grain, [&](int64_t t0, int64_t t1) {
+        const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), (L_.n_tiles + grain - 1) / grain);
+        // Threads take runs of tiles from a shared counter rather than fixed halves, so that a thread
+        // the OS preempts (a shared machine) or that meets slower memory does not hold the others up.
+        const int64_t step = std::max<int64_t>(1, L_.n_tiles / (8 * std::max<int64_t>(n_threads, 1)));
+        std::atomic<int64_t> next{0};
+        auto work = [&](int64_t, int64_t) {
             thread_local std::vector<uint8_t> tile_buf;
             uint8_t* scratch = thread_buffer(tile_buf, (size_t)scratch_bytes(K));
-            tiles_fn(L_, A, segs, n_segs, t0, t1, scratch);
-        });
+            for (int64_t t0; (t0 = next.fetch_add(step, std::memory_order_relaxed)) < L_.n_tiles;) {
+                tiles_fn(L_, A, segs, n_segs, t0, std::min(t0 + step, L_.n_tiles), scratch);
+            }
+        };
+        if (n_threads <= 1) {
+            work(0, 1);
+        } else {
+            at::parallel_for(0, n_threads, 1, work);
+        }
         return x_in.scalar_type() == torch::kFloat || out_arg.has_value() ? out : out.to(x_in.scalar_type());
     }
 
