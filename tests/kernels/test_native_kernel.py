@@ -218,3 +218,15 @@ def test_bad_inputs_name_the_problem(native, gen) -> None:
         native.Layer(*case.args(), torch.empty(0), list(WIDTHS), [0] * 6, 16)
     with pytest.raises(RuntimeError, match="not supported|unknown ISA"):
         native.set_isa("sse9")
+
+
+def test_many_tiles_across_threads(native, gen) -> None:
+    """Enough tiles for every thread to take several runs from the shared counter (decode and batch)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        case = make_case(gen, n=2001, k=256, group_size=64, ranks=(0, 2, 4, 4, 6, 8))
+        for m in (1, 5):
+            check(native, case, activations(gen, m, 256), 4 if m == 1 else 8)
+    finally:
+        torch.set_num_threads(threads)
