@@ -13,7 +13,7 @@ The threshold is calibrated on valid.txt: the `--percentiles` of teacher-forced 
 the high width (`--calib-windows` windows of 256 tokens). `--store` writes the first one into the
 checkpoint's elastic.json (`entropy_policy`), where `quept serve --policy entropy` finds it.
 
-    python benchmarks/entropy_policy.py                 # ~4 min on 2 cores
+    python benchmarks/entropy_policy.py                 # ~3 min on 2 cores
     python benchmarks/entropy_policy.py --low w4,w3 --percentiles 70,85 --windows 2 --store
 
 Writes benchmarks/results/entropy_policy.json and entropy_policy.png.
@@ -94,8 +94,14 @@ def main() -> int:
     ap.add_argument("--quiet-window", type=int, default=4, help="quiet tokens before stepping down")
     ap.add_argument("--calib-windows", type=int, default=4)
     ap.add_argument("--store", action="store_true", help="write the first threshold into the checkpoint")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: OpenMP spin costs more than it gives "
+                    "on a busy 2-core machine; 0: torch's default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "entropy_policy.json")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     if args.checkpoint is None:
         sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -8,7 +8,8 @@ server's default precision), the cost model predicts the p95 step time at that b
 the inter-token latency of every sequence in the step. The default becomes the best plan whose
 prediction meets `slo_itl_ms` (and, when set, whose predicted time to first token of the newest
 waiting request meets `slo_ttft_ms`). When nothing meets it, the fastest plan runs (ties within
-2 % go to the better plan, so a backend whose speed does not depend on the width stays at the top).
+10 % go to the better plan, so a backend whose speed does not depend on the width, or a batch
+where it does not, keeps the best plan).
 
 Against flapping: a higher plan must fit below `(1 - load_hysteresis) x SLO`, and the default
 changes at most once per `load_dwell_s`. Every running `auto` sequence follows the default at its
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TIE = 0.02  # predictions within 2 % count as equal when nothing meets the SLO
+TIE = 0.10  # when nothing meets the SLO, a lower plan must be >10 % faster to be worth its quality
 
 
 class LoadPolicy(Controller):
