@@ -120,7 +120,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
 
 
 async def run_level(url: str, model: str, prompts: list[list[int]], output_len: int, precision: str,
-                    concurrency: int, headers: dict[str, str]) -> dict[str, Any]:
+                    concurrency: int, headers: dict[str, str]) -> tuple[list[RequestResult], float]:
+    """Send every prompt with at most `concurrency` in flight; the results and the wall time."""
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
@@ -131,7 +132,7 @@ async def run_level(url: str, model: str, prompts: list[list[int]], output_len: 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(guarded(p) for p in prompts))
         duration = time.perf_counter() - t0
-    return summarize(list(results), duration)
+    return list(results), duration
 
 
 def free_port() -> int:
@@ -254,6 +255,7 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=1, help="passes per level, interleaved; results pooled")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_bench.json")
     ap.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for /health (first build)")
     args = ap.parse_args()
@@ -276,11 +278,22 @@ def main() -> int:
         runs = []
         for precision in args.precisions.split(","):
             asyncio.run(run_level(url, model, prompts[:2], 4, precision, 2, headers))  # warm-up: weights, caches
+            done: dict[int, tuple[list[RequestResult], float, list[float]]] = {c: ([], 0.0, []) for c in args.concurrency}
+            for rep in range(args.repeat):  # levels interleaved, so a drifting machine load hits them alike
+                for c in args.concurrency:
+                    load = os.getloadavg()[0]
+                    results, seconds = asyncio.run(run_level(url, model, prompts, args.output_len, precision, c, headers))
+                    prev = done[c]
+                    done[c] = (prev[0] + results, prev[1] + seconds, prev[2] + [load])
+                    one = summarize(results, seconds)
+                    print(f"  {precision} c={c:>2} pass {rep + 1}/{args.repeat}: {one['output_throughput']:.1f} out tok/s "
+                          f"(load {load:.1f})", flush=True)
             for c in args.concurrency:
-                load_before = os.getloadavg()[0]
-                s = asyncio.run(run_level(url, model, prompts, args.output_len, precision, c, headers))
-                s.update(precision=precision, concurrency=c, load_average_before=load_before,
-                         load_average_after=os.getloadavg()[0])
+                results, seconds, loads = done[c]
+                s = summarize(results, seconds)
+                s.update(precision=precision, concurrency=c, passes=args.repeat,
+                         load_average_before=statistics.fmean(loads), load_averages=loads)
+                load_before = s["load_average_before"]
                 runs.append(s)
                 print(f"{precision} c={c:>2}: {s['output_throughput']:7.1f} out tok/s  {s['request_throughput']:.3f} req/s"
                       f"  TTFT med {s['median_ttft_ms']:.0f} ms  TPOT med {s['median_tpot_ms']:.0f} ms"
@@ -298,7 +311,7 @@ def main() -> int:
                     "times in ms; the machine is shared with other jobs, see load_average_*",
             "machine": machine(),
             "settings": {"model": model, "backend": info.get("backend", args.backend) if isinstance(info, dict) else
-                         args.backend, "threads": args.threads, "num_prompts": args.num_prompts,
+                         args.backend, "threads": args.threads, "num_prompts": args.num_prompts, "repeat": args.repeat,
                          "input_len": args.input_len, "output_len": args.output_len, "concurrency": args.concurrency,
                          "default_precision": info.get("default") if isinstance(info, dict) else None},
             "speedup": speedup,
