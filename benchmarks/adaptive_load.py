@@ -6,6 +6,9 @@ client ramps the number of concurrent streaming clients up and down (`--levels`,
 Every `--window-s` seconds of the ramp it records the offered load (clients), the served precision
 (token-weighted bits from `quept:generation_tokens_by_width_total`, and the default plan gauge),
 p95 inter-token latency (gaps between streamed chunks) against the SLO, and output throughput.
+Each configuration runs `--repeats` ramps (2: in the order w8, w4, load, load, w4, w8, so that the
+drift of a shared machine hits every configuration alike); results pool the ramps, and the plot
+shows their mean per window.
 
 The table: SLO attainment (share of ramp windows whose p95 ITL meets the SLO, and share of all ITL
 samples under it), throughput, average served bits, and the perplexity of the tokens actually served
@@ -13,7 +16,7 @@ samples under it), throughput, average served bits, and the perplexity of the to
 quality_calibrated.json; a quick 2-window evaluation when neither is there). The `load` server's
 cost model (profiled at its start, corrected by live steps) and its switches are stored too.
 
-    python benchmarks/adaptive_load.py                      # ~6 min on 2 cores
+    python benchmarks/adaptive_load.py                      # ~9 min on 2 cores
     python benchmarks/adaptive_load.py --slo-itl-ms 30 --levels 1,2,4,8,4,2,1
 
 SLO: `--slo-itl-ms`, or (0, the default) set from the run itself: `fixed w8` and `fixed w4` run
@@ -181,14 +184,14 @@ def width_counts_at(scrapes: list[dict[str, Any]], t: float) -> dict[str, float]
     return best
 
 
-def analyse(run: dict[str, Any], levels: list[int], phase_s: float, window_s: float, slo_ms: float,
-            ppl: dict[int, float]) -> dict[str, Any]:
+def run_windows(run: dict[str, Any], levels: list[int], phase_s: float, window_s: float,
+                slo_ms: float) -> list[dict[str, Any]]:
+    """Per window of one ramp: clients, ITL samples and p95, SLO met, throughput, served and default bits."""
     recs = [r for r in run["records"] if r["status"] == 200]
     gaps = [(b, (b - a) * 1e3) for r in recs for a, b in zip(r["times"], r["times"][1:])]  # (time, ms)
     chunks = [t for r in recs for t in r["times"]]
     windows = []
-    n_win = int(run["duration_s"] // window_s)
-    for w in range(n_win):
+    for w in range(int(run["duration_s"] // window_s)):
         lo, hi = w * window_s, (w + 1) * window_s
         itl = [g for t, g in gaps if lo <= t < hi]
         c0, c1 = width_counts_at(run["scrapes"], lo), width_counts_at(run["scrapes"], hi)
@@ -204,24 +207,48 @@ def analyse(run: dict[str, Any], levels: list[int], phase_s: float, window_s: fl
             "served_bits": round(sum(int(b) * n for b, n in delta.items()) / toks, 3) if toks else None,
             "default_bits": round(sum(defaults) / len(defaults), 3) if defaults else None,
         })
-    judged = [w for w in windows if w["meets_slo"] is not None]
-    first, last = run["scrapes"][0]["widths"] if run["scrapes"] else {}, run["scrapes"][-1]["widths"] if run["scrapes"] else {}
-    per_width = {b: last.get(b, 0.0) - first.get(b, 0.0) for b in last}
+    return windows
+
+
+def _mean(xs: list[Any]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 3) if xs else None
+
+
+def analyse(runs: list[dict[str, Any]], levels: list[int], phase_s: float, window_s: float, slo_ms: float,
+            ppl: dict[int, float]) -> dict[str, Any]:
+    """One configuration over its ramps (pooled): SLO attainment, throughput, served bits and perplexity."""
+    per_run = [run_windows(r, levels, phase_s, window_s, slo_ms) for r in runs]
+    judged = [w for ws in per_run for w in ws if w["meets_slo"] is not None]
+    recs = [r for run in runs for r in run["records"] if r["status"] == 200]
+    gaps = [(b - a) * 1e3 for r in recs for a, b in zip(r["times"], r["times"][1:])]
+    per_width: dict[str, float] = {}
+    for run in runs:
+        if run["scrapes"]:
+            first, last = run["scrapes"][0]["widths"], run["scrapes"][-1]["widths"]
+            for b in last:
+                per_width[b] = per_width.get(b, 0.0) + last[b] - first.get(b, 0.0)
     total = sum(per_width.values())
     served_bits = sum(int(b) * n for b, n in per_width.items()) / total if total else None
     nll = sum(n * math.log(ppl[int(b)]) for b, n in per_width.items() if n and int(b) in ppl)
     covered = sum(n for b, n in per_width.items() if int(b) in ppl)
+    mean_windows = [{"t0": ws[0]["t0"], "clients": ws[0]["clients"],
+                     **{k: _mean([w[k] for w in ws]) for k in ("p95_itl_ms", "throughput_tok_s", "served_bits",
+                                                               "default_bits")}}
+                    for ws in zip(*per_run)]
     return {
-        "requests": len(recs), "failed_requests": len(run["records"]) - len(recs),
+        "ramps": len(runs), "requests": len(recs),
+        "failed_requests": sum(len(r["records"]) for r in runs) - len(recs),
         "slo_attainment_windows": round(sum(w["meets_slo"] for w in judged) / len(judged), 3) if judged else None,
-        "itl_under_slo": round(sum(g <= slo_ms for _, g in gaps) / len(gaps), 3) if gaps else None,
-        "p95_itl_ms": p95([g for _, g in gaps]),
-        "throughput_tok_s": round(len(chunks) / run["duration_s"], 2),
+        "itl_under_slo": round(sum(g <= slo_ms for g in gaps) / len(gaps), 3) if gaps else None,
+        "p95_itl_ms": p95(gaps),
+        "throughput_tok_s": round(sum(len(r["times"]) for r in recs) / sum(r["duration_s"] for r in runs), 2),
         "tokens_by_width": {b: round(n, 1) for b, n in sorted(per_width.items(), reverse=True) if n},
         "avg_served_bits": None if served_bits is None else round(served_bits, 3),
         "served_ppl": round(math.exp(nll / covered), 3) if covered else None,
         "served_ppl_vs_w8": round(math.exp(nll / covered) / ppl[8] - 1, 4) if covered and 8 in ppl else None,
-        "windows": windows,
+        "windows": mean_windows,
+        "windows_per_ramp": per_run,
     }
 
 
@@ -229,8 +256,8 @@ def choose_slo(run8: dict[str, Any], run4: dict[str, Any], levels: list[int], ph
                window_s: float) -> tuple[float, str]:
     """The p95-ITL target at which the width matters most: max over candidates of (share of ramp windows
     fixed w4 meets) - (share fixed w8 meets), candidates being the window p95s both runs reached."""
-    p8 = [w["p95_itl_ms"] for w in analyse(run8, levels, phase_s, window_s, 1.0, {})["windows"] if w["itl_samples"] >= 5]
-    p4 = [w["p95_itl_ms"] for w in analyse(run4, levels, phase_s, window_s, 1.0, {})["windows"] if w["itl_samples"] >= 5]
+    p8 = [w["p95_itl_ms"] for w in run_windows(run8, levels, phase_s, window_s, 1.0) if w["itl_samples"] >= 5]
+    p4 = [w["p95_itl_ms"] for w in run_windows(run4, levels, phase_s, window_s, 1.0) if w["itl_samples"] >= 5]
     if not p8 or not p4:
         return float("nan"), "no ITL samples"
     cands = sorted(set(p8 + p4))
@@ -321,7 +348,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", type=Path, help="default: the default model, built once into ~/.cache/quept")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--levels", default="1,2,3,4,6,8,6,4,3,2,1", help="concurrent clients per phase")
-    ap.add_argument("--phase-s", type=float, default=8.0)
+    ap.add_argument("--phase-s", type=float, default=6.0)
     ap.add_argument("--window-s", type=float, default=4.0)
     ap.add_argument("--max-tokens", type=int, default=96, help="long enough that prefill steps stay under 5 %% of steps")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads (OMP_NUM_THREADS; 0: torch's default)")
@@ -329,6 +356,7 @@ def main() -> int:
     ap.add_argument("--tail-factor", type=float, default=1.5)
     ap.add_argument("--dwell-s", type=float, default=2.0)
     ap.add_argument("--configs", default="fixed w8,fixed w4,load")
+    ap.add_argument("--repeats", type=int, default=2, help="ramps per configuration (2: order A B C C B A)")
     ap.add_argument("--out", type=Path, default=RESULTS / "adaptive_load.json")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -356,40 +384,42 @@ def main() -> int:
         "load": ["--policy", "load", "--default-precision", "w8", "--load-dwell-s", str(args.dwell_s),
                  "--load-floor", "w4"],
     }
-    runs: dict[str, Any] = {}
-    extras: dict[str, Any] = {}
+    order = names + names[::-1] if args.repeats == 2 else names * args.repeats  # mirrored: drift hits all alike
+    runs: dict[str, list[dict[str, Any]]] = {}
+    extras: dict[str, dict[str, float]] = {}
     controller: dict[str, Any] = {}
-    for name in names:
-        if name == "load" and from_runs:
-            slo, slo_source = choose_slo(runs["fixed w8"], runs["fixed w4"], levels, args.phase_s, args.window_s)
+    for k, name in enumerate(order):
+        if name == "load" and from_runs and "load" not in runs:
+            slo, slo_source = choose_slo(runs["fixed w8"][0], runs["fixed w4"][0], levels, args.phase_s, args.window_s)
             print(f"SLO {slo:.1f} ms: {slo_source}", flush=True)
         flags = configs[name] + (["--slo-itl-ms", str(slo)] if name == "load" else [])
-        log_path = Path("/tmp") / f"adaptive_load_{name.replace(' ', '_')}.log"
+        log_path = Path("/tmp") / f"adaptive_load_{name.replace(' ', '_')}_{k}.log"
         srv = ServerProcess(name, args.checkpoint, common + flags, log_path, args.threads)
         try:
             t0 = time.perf_counter()
             srv.wait_ready(300)
             print(f"[{name}] ready in {time.perf_counter() - t0:.0f} s on {srv.url}; ramp {levels} x {args.phase_s} s",
                   flush=True)
-            runs[name] = asyncio.run(run_ramp(srv.url, levels, args.phase_s, args.max_tokens))
+            runs.setdefault(name, []).append(asyncio.run(run_ramp(srv.url, levels, args.phase_s, args.max_tokens)))
             import httpx
 
             prec = httpx.get(srv.url + "/v1/precisions", timeout=10).json()
             metrics = httpx.get(srv.url + "/metrics", timeout=10).text
-            extras[name] = {m.group(1): float(m.group(2)) for m in re.finditer(
-                r'quept:precision_switches_total\{policy="[^"]*",reason="([^"]+)"\} ([0-9.e+-]+)', metrics)}
+            for m in re.finditer(r'quept:precision_switches_total\{policy="[^"]*",reason="([^"]+)"\} ([0-9.e+-]+)',
+                                 metrics):
+                extras.setdefault(name, {})[m.group(1)] = extras.get(name, {}).get(m.group(1), 0.0) + float(m.group(2))
         finally:
             srv.stop()
         if prec.get("controller"):
-            controller[name] = prec["controller"]
+            controller.setdefault(name, []).append(prec["controller"])
     results: dict[str, Any] = {}
-    for name, run in runs.items():
-        res = analyse(run, levels, args.phase_s, args.window_s, slo, ppl)
-        res["switches_by_reason"] = extras[name]
+    for name in names:
+        res = analyse(runs[name], levels, args.phase_s, args.window_s, slo, ppl)
+        res["switches_by_reason"] = extras.get(name, {})
         results[name] = res
         print(f"[{name}] SLO met in {res['slo_attainment_windows']} of windows, {res['throughput_tok_s']} tok/s, "
               f"{res['avg_served_bits']} bits, served ppl {res['served_ppl']}", flush=True)
-    cm = (controller.get("load") or {}).get("cost_model") or {}
+    cm = (controller.get("load") or [{}])[0].get("cost_model") or {}
     prof = cm.get("profiled_ms", {})
     gain = {int(b): round(1 - prof["w4"][b] / prof["w8"][b], 3) for b in prof.get("w8", {}) if b in prof.get("w4", {})}
     note = (f"shared 2-core CPU machine (noisy; other engineers' jobs ran alongside), backend {args.backend}, "
@@ -412,7 +442,7 @@ def main() -> int:
         "window_s": args.window_s, "max_tokens": args.max_tokens,
         "perplexity_per_width": ppl, "perplexity_source": ppl_source,
         "w4_step_saving_vs_w8_by_batch": gain,
-        "results": results, "load_controller": controller.get("load"),
+        "order": order, "results": results, "load_controller": controller.get("load"),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def plot(rows: list[dict[str, Any]], out_png: Path, note: str) -> None:
     pol = [r for r in rows if r["kind"] == "entropy"]
     for ax, key, label in ((a1, "avg_bits", "average bits per weight (token-weighted)"),
                            (a2, "tokens_per_s", "decode tokens/s (batch 1)")):
-        ax.plot([r[key] for r in uni], [r["ppl"] for r in uni], "o-", label="uniform width")
+        ax.plot([r[key] for r in uni], [r["ppl"] for r in uni], "o-" if key == "avg_bits" else "o", label="uniform width")
         for r in uni:
             ax.annotate(r["name"], (r[key], r["ppl"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
         ax.plot([r[key] for r in pol], [r["ppl"] for r in pol], "s", color="tab:red", label="entropy policy")

@@ -44,7 +44,7 @@ class PolicyConfig:
     profile_context: int = 64
     """load: context tokens per sequence while profiling."""
 
-    profile_reps: int = 3
+    profile_reps: int = 5
     """load: timed forwards per (plan, batch) cell; the median is kept."""
 
     max_batch: int = 16

@@ -7,9 +7,9 @@ candidate plan, best first (the ladder: stored widths and profiles between `load
 server's default precision), the cost model predicts the p95 step time at that batch, which is
 the inter-token latency of every sequence in the step. The default becomes the best plan whose
 prediction meets `slo_itl_ms` (and, when set, whose predicted time to first token of the newest
-waiting request meets `slo_ttft_ms`). When nothing meets it, the fastest plan runs (ties within
-10 % go to the better plan, so a backend whose speed does not depend on the width, or a batch
-where it does not, keeps the best plan).
+waiting request meets `slo_ttft_ms`). When nothing meets it, the fastest plan runs; plans within
+10 % of it count as equally fast, and among those the current plan stays (else the best one), so a
+backend whose speed does not depend on the width, or a batch where it does not, keeps its plan.
 
 Against flapping: a higher plan must fit below `(1 - load_hysteresis) x SLO`, and the default
 changes at most once per `load_dwell_s`. Every running `auto` sequence follows the default at its
@@ -171,10 +171,12 @@ class LoadPolicy(Controller):
                 return plan, why_not_current
             if plan.name == self.default_plan.name:
                 why_not_current = "itl_slo" if not itl_ok else "ttft_slo"
-        preds = [(self.cost.predict(p, batch), i) for i, p in enumerate(self.ladder)]
+        preds = [(self.cost.predict(p, batch), p) for p in self.ladder]
         fastest = min(t for t, _ in preds)
-        best = min((i for t, i in preds if t <= fastest * (1 + TIE)), key=lambda i: -plan_bits(self.ladder[i]))
-        return self.ladder[best], "overload"
+        near = [p for t, p in preds if t <= fastest * (1 + TIE)]
+        if any(p.name == self.default_plan.name for p in near):
+            return self.default_plan, "overload"  # no flapping between near-equal plans while overloaded
+        return max(near, key=plan_bits), "overload"
 
     # ------------------------------------------------------------------ visibility
 

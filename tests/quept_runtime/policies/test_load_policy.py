@@ -168,3 +168,13 @@ def test_cost_model_interpolates_batches_and_plans():
     cm.observe([(plan("w8"), 1)], 1, 0.028)
     assert cm.correction() == pytest.approx(2.0)
     assert cm.predict("w4", 16) == pytest.approx(0.080)
+
+
+def test_overload_does_not_flap_between_near_equal_plans():
+    # nothing meets a 20 ms SLO at batch 7-8; w8 and w4 are within 10 % there: the current plan stays
+    near = CostModel.from_table({"w8": {1: 0.010, 8: 0.031}, "w4": {1: 0.008, 8: 0.0285}})
+    pol = LoadPolicy(Model(), "w8", cost_model=near, slo_itl_ms=20, load_dwell_s=0, load_plans="w8,w4")
+    assert replay_trace(pol, trace([7, 8, 7, 8, 7, 8])) == ["w8"] * 6
+    far = CostModel.from_table({"w8": {1: 0.010, 8: 0.040}, "w4": {1: 0.008, 8: 0.0285}})
+    pol = LoadPolicy(Model(), "w8", cost_model=far, slo_itl_ms=20, load_dwell_s=0, load_plans="w8,w4")
+    assert replay_trace(pol, trace([7, 8, 7, 8])) == ["w4"] * 4 and pol.reason == "overload"
