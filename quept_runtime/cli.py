@@ -35,6 +35,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     b.add_argument("--group-size", type=int, default=64, help="input columns per quantization group (must divide every K)")
     b.add_argument("--ranks", help="adapter rank per width, e.g. 8:0,6:8,5:8,4:16,3:24,2:32")
     b.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    b.add_argument("--calibrate", action="store_true", help="one-shot QuEPT calibration (DESIGN §3)")
+    b.add_argument("--calib-file", type=Path, help="calibration text (default ../shared/data/wikitext-2/valid.txt)")
+    b.add_argument("--samples", type=int, default=16, help="calibration sequences (with --calibrate)")
+    b.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (with --calibrate)")
+    b.add_argument("--epochs", type=int, default=1, help="passes over the samples per block (with --calibrate)")
 
     g = sub.add_parser("generate", help="generate a completion for one prompt")
     g.add_argument("prompt", help="user prompt (the chat template is applied when the model has one)")
@@ -66,6 +71,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     ranks = parse_ranks(args.ranks, args.widths) if args.ranks else None
     t0 = time.perf_counter()
     source = load_source(args.source)
+    if getattr(args, "calibrate", False):
+        from quept_runtime.calibration import CalibConfig, calibrate_checkpoint
+
+        cfg = CalibConfig(calib_file=args.calib_file, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs)
+        path = calibrate_checkpoint(source, args.out, args.widths, args.group_size, ranks, cfg, overwrite=args.overwrite)
+        print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
+        return 0
     path = build_checkpoint(source, args.out, args.widths, args.group_size, ranks, overwrite=args.overwrite)
     print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
     return 0
