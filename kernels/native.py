@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES: tuple[str, ...] = ("elastic_binding.cpp", "elastic_generic.cpp", "elastic_avx2.cpp", "elastic_avx512.cpp")
 HEADERS: tuple[str, ...] = ("elastic_common.h",)
-CFLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-fno-math-errno")
+# -fopenmp: at::parallel_for is a header template that only runs threads when compiled with OpenMP
+# (the extension then shares torch's own libgomp, already loaded under the same soname).
+CFLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-fno-math-errno", "-fopenmp")
+LDFLAGS: tuple[str, ...] = ("-fopenmp",)
 ISAS: tuple[str, ...] = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -64,7 +67,7 @@ def build_key() -> str:
     for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
-    h.update(" ".join(CFLAGS).encode())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
     return h.hexdigest()[:12]
@@ -99,7 +102,8 @@ def _build_direct(name: str, build_dir: Path, compiler: str) -> Path:
         if proc.returncode:
             raise subprocess.CalledProcessError(proc.returncode, cmd, stderr=err)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    link = [compiler, "-shared", *objects, "-o", str(tmp), *lib_dirs, "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+    link = [compiler, "-shared", *objects, "-o", str(tmp), *lib_dirs, "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
+            *LDFLAGS]
     subprocess.run(link, check=True, capture_output=True, text=True)
     for obj in objects:
         Path(obj).unlink(missing_ok=True)
@@ -141,6 +145,7 @@ def _build() -> ModuleType:
                 name=name,
                 sources=[str(CSRC / s) for s in SOURCES],
                 extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
                 build_directory=str(build_dir),
                 verbose=False,
             )
