@@ -11,11 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import importlib.util
+
 import pytest
 
 from tests.deploy.conftest import REPO
 
-pytest.importorskip("locust")
+# find_spec, not importorskip: importing locust here would monkey-patch this interpreter with gevent
+# and break every later test that runs asyncio in a thread (the live servers)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="needs locust (test extra)")
 LOCUSTFILE = REPO / "benchmarks" / "locustfile.py"
 
 
