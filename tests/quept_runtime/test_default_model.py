@@ -23,22 +23,18 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def default(tmp_path_factory):
-    source = load_source(None)
-    path = build_checkpoint(source, tmp_path_factory.mktemp("default") / "smol", progress=False)
-    return source, load_model(path, backend="torch")
+    path = build_checkpoint(load_source(None), tmp_path_factory.mktemp("default") / "smol", progress=False)
+    return load_model(path, backend="torch")
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_default_model_matches_transformers(default, bits: int) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    source, lm = default
+    lm = default
     state = {k: v.float() for k, v in lm.ckpt.dense.items()}
     for name in linear_names(lm.model.args.n_layers):
         state[f"{name}.weight"] = effective_weight(lm.ckpt.elastic[name], bits)
-    cfg = type(lm.tokenizer)  # noqa: F841 - tokenizer loaded with the checkpoint
-    from transformers import AutoConfig
-
     config = AutoConfig.for_model(**{k: v for k, v in lm.ckpt.hf_config.items() if k != "model_type"},
                                   model_type=lm.ckpt.hf_config["model_type"])
     config.tie_word_embeddings = False  # the quantized lm_head differs from the fp16 embedding
