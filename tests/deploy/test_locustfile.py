@@ -66,6 +66,20 @@ def test_precision_mix_parsing() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
 
 
+def test_precision_schedule_interleaves_by_weight() -> None:
+    code = (
+        "import sys, collections; sys.path.insert(0, 'benchmarks'); import locustfile as L\n"
+        "s = L.PrecisionSchedule(L.parse_precision_mix('w8:0.3,w4:0.2,w2:0.5'))\n"
+        "first = [s.next() for _ in range(10)]\n"
+        "assert collections.Counter(first) == {'w2': 5, 'w8': 3, 'w4': 2}, first\n"
+        "assert set(first[:4]) == {'w8', 'w4', 'w2'}, first\n"
+        "assert collections.Counter(s.next() for _ in range(1000)) == {'w2': 500, 'w8': 300, 'w4': 200}\n"
+        "t = L.PrecisionSchedule(L.parse_precision_mix('w8:0.3,w4:0.2,w2:0.5'))\n"
+        "assert [t.next() for _ in range(10)] == first, 'the schedule is deterministic'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
 def test_headless_run_writes_csv_summary_and_plot(stub: str, tmp_path: Path) -> None:
     prefix = tmp_path / "locust"
     r = _locust(stub, "-u", "4", "-r", "4", "-t", "4s", "--precision-mix", "w8:0.3,w4:0.2,w2:0.5",
