@@ -48,7 +48,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--backend", default="auto", help="auto|torch|native|triton")
+    g.add_argument("--backend", default="auto", help="auto|torch|torch-fp32|native|triton (torch computes in fp16; torch-fp32 is the exact reference)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
     e = sub.add_parser("eval", help="perplexity table on wikitext-2 test.txt")
@@ -60,7 +60,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     e.add_argument("--baselines", choices=["all", "none"], default="all",
                    help="also score the unquantized source and independent round-to-nearest per width")
     e.add_argument("--json", type=Path, help="write results as JSON (and a PNG plot beside it)")
-    e.add_argument("--backend", default="auto")
+    e.add_argument("--backend", default="torch-fp32",
+                   help="backend to score through (default: the exact fp32 reference; name a serving backend "
+                        "such as native to measure what it serves)")
     return parser, sub
 
 

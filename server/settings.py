@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-BACKENDS = ("auto", "torch", "native", "triton")
+BACKENDS = ("auto", "torch", "torch-fp32", "native", "triton")
 
 
 def _default_cache_dir() -> Path:
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     """entropy policies: quiet tokens in a row before a sequence steps back down."""
 
     backend: str = "auto"
-    """Elastic-linear backend: auto | torch | native | triton."""
+    """Elastic-linear backend: auto | torch (fp16 dense) | torch-fp32 (exact reference) | native | triton."""
 
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM: stop admitting, let in-flight requests finish for at most this long, then exit."""

@@ -10,11 +10,14 @@ from quept_runtime.backends.base import ElasticBackend, ElasticWeights
 
 log = logging.getLogger(__name__)
 
-BACKEND_NAMES = ("auto", "torch", "native", "triton")
+BACKEND_NAMES = ("auto", "torch", "torch-fp32", "native", "triton")
 
 
 def get_backend(name: str = "auto", device: str | torch.device = "cpu") -> ElasticBackend:
-    """The backend called `name`; `auto` picks triton on CUDA, native on CPU when it builds, else torch."""
+    """The backend called `name`; `auto` picks triton on CUDA, native on CPU when it builds, else torch.
+
+    `torch` computes in fp16 (the fast dense fallback); `torch-fp32` is the exact fp32 reference.
+    """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKEND_NAMES)}")
     device = torch.device(device)
@@ -26,10 +29,10 @@ def get_backend(name: str = "auto", device: str | torch.device = "cpu") -> Elast
             except (ImportError, RuntimeError, OSError) as err:
                 log.warning("native CPU backend unavailable (%s); using the torch backend", err)
                 return get_backend("torch", device)
-    if name == "torch":
+    if name in ("torch", "torch-fp32"):
         from quept_runtime.backends.torch_backend import TorchBackend
 
-        return TorchBackend()
+        return TorchBackend(dtype=torch.float16 if name == "torch" else torch.float32)
     if name == "native":
         from quept_runtime.backends.native_backend import NativeBackend  # type: ignore[import-not-found]
 

@@ -31,6 +31,9 @@ class TorchBackend(ElasticBackend):
     def __init__(self, max_cached_widths: int = 2, dtype: torch.dtype = torch.float32) -> None:
         if max_cached_widths < 1:
             raise ValueError(f"max_cached_widths must be >= 1, got {max_cached_widths}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"torch backend dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.name = {torch.float16: "torch", torch.float32: "torch-fp32", torch.bfloat16: "torch-bf16"}[dtype]
         self.max_cached_widths = max_cached_widths
         self.dtype = dtype
 
@@ -54,18 +57,27 @@ class TorchBackend(ElasticBackend):
             cache.popitem(last=False)
         return cache[bits]
 
-    def forward(self, prepared: TorchPrepared, x: torch.Tensor, row_bits: torch.Tensor | int) -> torch.Tensor:
+    def linear(self, prepared: TorchPrepared, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """x [M, K] at one width -> [M, N] in x's dtype, computed in the backend's dtype."""
+        w = self.dense_weight(prepared, bits)
         bias = prepared.weights.bias
+        if w.dtype == x.dtype:
+            return torch.nn.functional.linear(x, w, bias)
+        out = torch.nn.functional.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
+        if not torch.isfinite(out).all():  # fp16 overflow (or a non-finite input): redo in x's dtype
+            return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+        return out.to(x.dtype)
+
+    def forward(self, prepared: TorchPrepared, x: torch.Tensor, row_bits: torch.Tensor | int) -> torch.Tensor:
         if isinstance(row_bits, int):
-            return torch.nn.functional.linear(x, self.dense_weight(prepared, row_bits), bias)
+            return self.linear(prepared, x, row_bits)
         bits_present = torch.unique(row_bits).tolist()
         if len(bits_present) == 1:
-            return torch.nn.functional.linear(x, self.dense_weight(prepared, int(bits_present[0])), bias)
+            return self.linear(prepared, x, int(bits_present[0]))
         out = x.new_empty(x.shape[0], prepared.weights.out_features)
         for bits in bits_present:
             rows = (row_bits == bits).nonzero().flatten()
-            seg = torch.nn.functional.linear(x.index_select(0, rows), self.dense_weight(prepared, int(bits)), bias)
-            out.index_copy_(0, rows, seg)
+            out.index_copy_(0, rows, self.linear(prepared, x.index_select(0, rows), int(bits)))
         return out
 
     def resident_bytes(self, prepared: TorchPrepared) -> int:

@@ -135,7 +135,7 @@ def measure_heldout(path: Path, data: CalibData, widths: Sequence[int], profiles
     from quept_runtime.model import dense_model
 
     grad = torch.is_grad_enabled()
-    lm = load_model(path, backend="torch")
+    lm = load_model(path, backend="torch-fp32")
     torch.set_grad_enabled(grad)  # load_model turns autograd off process-wide; restore the caller's setting
     with torch.inference_mode():
         fp, _ = perplexity(dense_model(source.args, source.state), data.heldout, 8, "held-out fp", progress)

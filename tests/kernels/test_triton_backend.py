@@ -53,7 +53,7 @@ def backend():
 def test_forward_matches_reference_and_torch_backend(backend, m: int, dtype: torch.dtype) -> None:
     w = make_weights(seed=m)
     prepared = backend.prepare(w)
-    torch_be = get_backend("torch")
+    torch_be = get_backend("torch-fp32")
     torch_prepared = torch_be.prepare(w)
     x = torch.randn(m, 128).to(dtype)
     mixed = torch.tensor([WIDTHS[(i * 5) % 6] for i in range(m)], dtype=torch.int16)  # model passes int16 columns

@@ -21,7 +21,7 @@ PROMPT = [5, 77, 190, 3, 41, 250, 12]
 
 @pytest.fixture(scope="module")
 def models(tiny_ckpt):
-    return load_model(tiny_ckpt, backend="torch"), load_model(tiny_ckpt, backend="triton")
+    return load_model(tiny_ckpt, backend="torch-fp32"), load_model(tiny_ckpt, backend="triton")
 
 
 @pytest.mark.parametrize("bits", [8, 3])

@@ -24,7 +24,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def default(tmp_path_factory):
     path = build_checkpoint(load_source(None), tmp_path_factory.mktemp("default") / "smol", progress=False)
-    return load_model(path, backend="torch")
+    return load_model(path, backend="torch-fp32")
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])

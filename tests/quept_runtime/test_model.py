@@ -46,7 +46,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def loaded(request, tmp_path_factory):
     path = tiny_checkpoint(tmp_path_factory.mktemp(request.param) / "c", model_type=request.param, random_adapters=True)
-    return request.param, load_model(path, backend="torch")
+    return request.param, load_model(path, backend="torch-fp32")
 
 
 @pytest.mark.parametrize("bits", WIDTHS)

@@ -111,7 +111,7 @@ def test_tiny_model_matches_torch_backend(tiny_ckpt) -> None:
     from quept_runtime.loader import load_model
     from quept_runtime.model import build_layout
 
-    lms = [load_model(tiny_ckpt, backend=name) for name in ("torch", "native")]
+    lms = [load_model(tiny_ckpt, backend=name) for name in ("torch-fp32", "native")]
     assert lms[1].backend.name == "native"
     gen = torch.Generator().manual_seed(11)
     n = lms[0].model.n_linears

@@ -46,6 +46,46 @@ def test_matches_reference_every_width_and_mixed_rows(seed, n, k, group, m, rank
     assert len(prepared.dense) <= 2  # the LRU bound holds
 
 
+@pytest.mark.parametrize("dtype,name", [(torch.float16, "torch"), (torch.bfloat16, "torch-bf16")])
+def test_half_compute_is_close_to_reference_every_width_and_mixed_rows(dtype, name) -> None:
+    layer = random_layer(53, 192, 64, {8: 0, 6: 8, 5: 8, 4: 16, 3: 24, 2: 32}, SEED + 2, bias=True)
+    backend = TorchBackend(dtype=dtype)
+    assert backend.name == name
+    prepared = backend.prepare(layer)
+    x = torch.randn(7, 192, generator=torch.Generator().manual_seed(SEED + 3))
+    tol = {torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]  # 11- and 8-bit significands, fp32 accumulation
+    row_bits = torch.tensor([WIDTHS[i % 6] for i in range(7)])
+    for bits in (*WIDTHS, row_bits):
+        ref = elastic_linear_ref(x, layer.codes, layer.scales, layer.mins, layer.lora_a, layer.lora_b, bits,
+                                 layer.widths, layer.ranks, 64, layer.bias)
+        out = backend.forward(prepared, x, bits)
+        assert out.dtype == torch.float32 and all(d.dtype == dtype for d in prepared.dense.values())
+        err = ((out - ref).abs().max() / ref.abs().max()).item()
+        assert err < tol, (bits, err)
+
+
+def test_half_compute_falls_back_to_fp32_where_fp16_overflows() -> None:
+    layer = random_layer(16, 64, 32, {b: 0 for b in WIDTHS}, 1, bias=False)
+    half, full = TorchBackend(dtype=torch.float16), TorchBackend(dtype=torch.float32)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(SEED + 4))
+    x[1] *= 1e6  # past fp16's 65504: the cast alone would give inf
+    for b in (8, 2):
+        out = half.forward(half.prepare(layer), x, b)
+        assert torch.isfinite(out).all()
+        ref = full.forward(full.prepare(layer), x, b)
+        torch.testing.assert_close(out[1], ref[1], rtol=1e-3, atol=1e-3 * ref[1].abs().max().item())
+
+
+def test_backend_names_pick_the_dtype() -> None:
+    from quept_runtime.backends import get_backend
+
+    assert get_backend("torch").dtype == torch.float16 and get_backend("torch-fp32").dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        TorchBackend(dtype=torch.int8)
+    with pytest.raises(ValueError, match="unknown backend 'torch16'"):
+        get_backend("torch16")
+
+
 def test_unknown_width_is_named() -> None:
     layer = random_layer(8, 64, 32, {b: 0 for b in WIDTHS}, 0, bias=False)
     backend = TorchBackend()
