@@ -19,6 +19,9 @@ from kernels.reference import dequantize, width_index
 from quept_runtime.backends.base import ElasticBackend, ElasticWeights
 
 
+HALF_ROWS_MAX = 4
+
+
 @dataclass
 class TorchPrepared:
     weights: ElasticWeights
@@ -63,6 +66,8 @@ class TorchBackend(ElasticBackend):
         bias = prepared.weights.bias
         if w.dtype == x.dtype:
             return torch.nn.functional.linear(x, w, bias)
+        if x.shape[0] > HALF_ROWS_MAX:  # a GEMM: torch's fp16 GEMM is slow on CPUs without AVX512-FP16
+            return torch.nn.functional.linear(x, w.to(x.dtype), bias)
         out = torch.nn.functional.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
         if not torch.isfinite(out).all():  # fp16 overflow (or a non-finite input): redo in x's dtype
             return torch.nn.functional.linear(x, w.to(x.dtype), bias)

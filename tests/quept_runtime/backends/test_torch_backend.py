@@ -9,7 +9,7 @@ import torch
 
 from kernels.reference import elastic_linear_ref
 from quept_runtime.backends.base import ElasticWeights
-from quept_runtime.backends.torch_backend import TorchBackend
+from quept_runtime.backends.torch_backend import HALF_ROWS_MAX, TorchBackend
 from quept_runtime.builder import quantize_linear
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
@@ -52,16 +52,17 @@ def test_half_compute_is_close_to_reference_every_width_and_mixed_rows(dtype, na
     backend = TorchBackend(dtype=dtype)
     assert backend.name == name
     prepared = backend.prepare(layer)
-    x = torch.randn(7, 192, generator=torch.Generator().manual_seed(SEED + 3))
     tol = {torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]  # 11- and 8-bit significands, fp32 accumulation
-    row_bits = torch.tensor([WIDTHS[i % 6] for i in range(7)])
-    for bits in (*WIDTHS, row_bits):
-        ref = elastic_linear_ref(x, layer.codes, layer.scales, layer.mins, layer.lora_a, layer.lora_b, bits,
-                                 layer.widths, layer.ranks, 64, layer.bias)
-        out = backend.forward(prepared, x, bits)
-        assert out.dtype == torch.float32 and all(d.dtype == dtype for d in prepared.dense.values())
-        err = ((out - ref).abs().max() / ref.abs().max()).item()
-        assert err < tol, (bits, err)
+    for m in (1, HALF_ROWS_MAX, HALF_ROWS_MAX + 3):  # half-dtype GEMV, and the per-call upcast past it
+        x = torch.randn(m, 192, generator=torch.Generator().manual_seed(SEED + 3 + m))
+        row_bits = torch.tensor([WIDTHS[i % 6] for i in range(m)])
+        for bits in (*WIDTHS, row_bits):
+            ref = elastic_linear_ref(x, layer.codes, layer.scales, layer.mins, layer.lora_a, layer.lora_b, bits,
+                                     layer.widths, layer.ranks, 64, layer.bias)
+            out = backend.forward(prepared, x, bits)
+            assert out.dtype == torch.float32 and all(d.dtype == dtype for d in prepared.dense.values())
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            assert err < tol, (m, bits, err)
 
 
 def test_half_compute_falls_back_to_fp32_where_fp16_overflows() -> None:
