@@ -254,12 +254,12 @@ def ensure_checkpoint(path: Path | None) -> Path:
     """The default model's elastic checkpoint: the one given, else built once into the cache."""
     if path is not None:
         return path
-    root = Path(os.environ.get("QUEPT_CACHE_DIR", Path.home() / ".cache" / "quept"))
-    path = root / "checkpoints" / "smollm2-135m-instruct"
-    if not (path / "elastic.json").exists():
-        from quept_runtime.builder import build_checkpoint
-        from quept_runtime.source import load_source
+    from quept_runtime.builder import build_checkpoint, default_checkpoint_dir
+    from quept_runtime.source import load_source
 
+    root = Path(os.environ.get("QUEPT_CACHE_DIR", Path.home() / ".cache" / "quept"))
+    path = default_checkpoint_dir(root)
+    if not (path / "elastic.json").exists():
         print(f"building the default checkpoint into {path} ...", flush=True)
         build_checkpoint(load_source(None), path, overwrite=True)
     return path

@@ -172,10 +172,10 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, log_path: Path | 
 def checkpoint_path(args: argparse.Namespace) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
+    from quept_runtime.builder import default_checkpoint_dir
     from server.settings import Settings
-    from server.state import DEFAULT_CHECKPOINT
 
-    return Path(Settings().cache_dir).joinpath(*DEFAULT_CHECKPOINT)
+    return default_checkpoint_dir(Settings().cache_dir)
 
 
 def make_prompts(checkpoint: Path, n: int, input_len: int) -> list[list[int]]:

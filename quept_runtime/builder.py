@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 from tqdm import tqdm
@@ -24,6 +24,68 @@ from quept_runtime.source import SourceModel
 log = logging.getLogger(__name__)
 
 DEFAULT_RANKS: dict[int, int] = {8: 0, 6: 8, 5: 8, 4: 16, 3: 24, 2: 32}
+DEFAULT_GROUP_SIZE = 64  # DESIGN §1
+# GGML's K-quants (Q2_K..Q8_K, the IQ and TQ types) pack 256-column super-blocks whose 16- or 32-column
+# sub-blocks carry their own (quantized) scales and mins, so no group size reproduces them exactly and one
+# 256-wide group would be 4x coarser than the default: for those the default group size stays.
+GGML_SUPER_BLOCK = 256
+DEFAULT_CHECKPOINT_STEM = "smollm2-135m-instruct"
+
+
+class GroupSizeChoice(NamedTuple):
+    group_size: int
+    reason: str
+
+    @property
+    def note(self) -> str:
+        return f"group size {self.group_size}: {self.reason}"
+
+
+def default_group_size(
+    block_size: int | None, in_features: Iterable[int], block_types: Sequence[str] = ()
+) -> GroupSizeChoice:
+    """The group size `quept build` uses when none is given: the source's quantization block, else 64.
+
+    A block-quantized source (GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: one scale, and for _1 an offset, per 32 input
+    columns) gets groups aligned with its blocks. For Q4_1 (levels min + q*d, q in 0..15 spanning the
+    block's range) the 255 steps of an 8-bit group hold every level exactly (255 = 17 * 15), so the w8
+    model reproduces the source; 64-wide groups straddle two blocks and do not. The block is used when it
+    is a multiple of 32, narrower than a K-quant super-block, and divides every linear's input width K.
+    """
+    ks = sorted(set(int(k) for k in in_features))
+    kind = "/".join(block_types) + " " if block_types else ""
+    if block_size is None:
+        return GroupSizeChoice(DEFAULT_GROUP_SIZE, "the default (the source has no common quantization block)")
+    if block_size >= GGML_SUPER_BLOCK:
+        return GroupSizeChoice(DEFAULT_GROUP_SIZE, f"the default (the source's {kind}block of {block_size} is a "
+                               "super-block of sub-blocks with their own scales, which no group size reproduces)")
+    if block_size % 32:
+        return GroupSizeChoice(DEFAULT_GROUP_SIZE,
+                               f"the default (the source's {kind}block of {block_size} is not a multiple of 32)")
+    bad = [k for k in ks if k % block_size]
+    if bad:
+        return GroupSizeChoice(DEFAULT_GROUP_SIZE,
+                               f"the default (the source's {kind}block of {block_size} does not divide K={bad[0]})")
+    return GroupSizeChoice(block_size, f"the source's {kind}block size")
+
+
+def default_checkpoint_name(group_size: int) -> str:
+    """Directory name of the default model's checkpoint in a cache; it carries the group size, so that a
+    cache built with another group size is not reused."""
+    return f"{DEFAULT_CHECKPOINT_STEM}-g{group_size}"
+
+
+def default_checkpoint_dir(cache_dir: str | Path) -> Path:
+    """`<cache_dir>/checkpoints/<name>`: where `quept serve` and the benchmarks build the default model once.
+
+    The group size is the one `build_checkpoint(load_source(None), ..., group_size=None)` chooses, read from
+    the default GGUF's tensor headers (no weights loaded).
+    """
+    from quept_runtime.source import default_source_path, read_quant_blocks
+
+    blocks = read_quant_blocks(default_source_path())
+    choice = default_group_size(blocks.block_size, blocks.in_features, blocks.types)
+    return Path(cache_dir) / "checkpoints" / default_checkpoint_name(choice.group_size)
 
 
 def parse_ranks(text: str, widths: Sequence[int]) -> dict[int, int]:
@@ -68,19 +130,33 @@ def split_state(source: SourceModel) -> tuple[dict[str, torch.Tensor], dict[str,
     return dense, linears
 
 
+def resolve_group_size(source: SourceModel, group_size: int | None) -> GroupSizeChoice:
+    """`group_size` as given, or (None) `default_group_size` for this source's linears."""
+    if group_size is not None:
+        return GroupSizeChoice(int(group_size), "as given")
+    _, linears = split_state(source)
+    return default_group_size(source.quant_block_size, (w.shape[1] for w, _ in linears.values()), source.quant_types)
+
+
 def build_checkpoint(
     source: SourceModel,
     out: Path,
     widths: Sequence[int] = DEFAULT_WIDTHS,
-    group_size: int = 64,
+    group_size: int | None = None,
     ranks: dict[int, int] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Quantize every linear (nested RTN) and write the checkpoint atomically."""
+    """Quantize every linear (nested RTN) and write the checkpoint atomically.
+
+    `group_size=None` chooses it from the source (`default_group_size`: the source's quantization block, else 64).
+    """
     widths = check_widths(widths)
     ranks = ranks or default_ranks(widths)
+    choice = resolve_group_size(source, group_size)
+    group_size = choice.group_size
+    log.info("%s", choice.note)
     dense, linears = split_state(source)
     for name, (w, _) in linears.items():
         check_group_size(w.shape[1], group_size, name)
@@ -91,7 +167,7 @@ def build_checkpoint(
     }
     meta = {
         "source": source.description,
-        "build": {"method": "nested-rtn", "seconds": round(time.perf_counter() - t0, 2)},
+        "build": {"method": "nested-rtn", "seconds": round(time.perf_counter() - t0, 2), "notes": [choice.note]},
         **(extra_meta or {}),
     }
     return write_checkpoint(out, source.hf_config, dense, elastic, meta, source.tokenizer, overwrite)

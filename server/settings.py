@@ -87,7 +87,8 @@ class Settings(BaseSettings):
     """On SIGTERM: stop admitting, let in-flight requests finish for at most this long, then exit."""
 
     cache_dir: Path = Field(default_factory=_default_cache_dir)
-    """Where the default checkpoint is built on first use (`<cache_dir>/checkpoints/smollm2-135m-instruct`)."""
+    """Where the default checkpoint is built on first use (`<cache_dir>/checkpoints/smollm2-135m-instruct-g<G>`,
+    G the group size chosen from the source: 32 for the Q4_1 GGUF)."""
 
     default_precision: str = "w8"
     """Precision of requests that ask for none (and of `auto` under the fixed policy)."""

@@ -25,8 +25,6 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT = ("checkpoints", "smollm2-135m-instruct")  # shared with benchmarks/cpu_decode.py
-
 
 class Status(str, enum.Enum):
     LOADING = "loading"
@@ -40,7 +38,9 @@ def ensure_checkpoint(settings: Settings) -> Path:
     """The checkpoint to serve; with none configured, build the default model into the cache once."""
     if settings.checkpoint is not None:
         return Path(settings.checkpoint)
-    path = Path(settings.cache_dir).joinpath(*DEFAULT_CHECKPOINT)
+    from quept_runtime.builder import default_checkpoint_dir
+
+    path = default_checkpoint_dir(settings.cache_dir)  # its name carries the group size the build will choose
     if (path / "elastic.json").is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

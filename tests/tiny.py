@@ -90,3 +90,31 @@ def tiny_checkpoint(out: Path, model_type: str = "llama", seed: int = 0, group_s
                          {k: v for k, v in ckpt.meta.items() if k not in ("files", "tensor_sha256")},
                          tok, overwrite=True)
     return path
+
+
+def tiny_gguf(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]], seed: int = 0) -> Path:
+    """A GGUF file holding only tensors (no model metadata): {name: (GGML type name, torch shape [N, K] or [K])}.
+
+    Float and Q4_0..Q8_0 tensors are really quantized; other types (K-quants) get random bytes of the right size.
+    """
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, (type_name, shape) in tensors.items():
+        qtype = gguf.GGMLQuantizationType[type_name]
+        data = rng.normal(0, 0.05, size=shape).astype(np.float32)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, data)
+        elif type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16"):
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            raw = rng.integers(0, 256, size=(*shape[:-1], shape[-1] // block * type_size), dtype=np.uint8)
+            writer.add_tensor(name, raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

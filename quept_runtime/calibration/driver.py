@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from quept_runtime.backends.base import ElasticWeights
-from quept_runtime.builder import default_ranks, split_state
+from quept_runtime.builder import default_ranks, resolve_group_size, split_state
 from quept_runtime.checkpoint import update_meta, write_checkpoint
 from quept_runtime.errors import CheckpointError
 from quept_runtime.model import LINEAR_NAMES, ModelArgs, linear_names, rms_norm
@@ -150,10 +150,13 @@ def measure_heldout(path: Path, data: CalibData, widths: Sequence[int], profiles
 
 
 def calibrate_checkpoint(
-    source: SourceModel, out: Path, widths: Sequence[int] = (8, 6, 5, 4, 3, 2), group_size: int = 64,
+    source: SourceModel, out: Path, widths: Sequence[int] = (8, 6, 5, 4, 3, 2), group_size: int | None = None,
     ranks: dict[int, int] | None = None, cfg: CalibConfig | None = None, overwrite: bool = False,
 ) -> Path:
-    """The full pipeline; writes a calibrated checkpoint at `out` (atomically)."""
+    """The full pipeline; writes a calibrated checkpoint at `out` (atomically).
+
+    `group_size=None` chooses it from the source, as `build_checkpoint` does (`default_group_size`).
+    """
     from quept_runtime.allocation import allocate, profile_name, real_bits
 
     from .sensitivity import kl_sensitivity
@@ -166,6 +169,9 @@ def calibrate_checkpoint(
         raise CheckpointError(f"{out} already exists; pass --overwrite or choose another --out")
     widths = check_widths(widths)
     ranks = ranks or default_ranks(widths)
+    choice = resolve_group_size(source, group_size)
+    group_size = choice.group_size
+    log.info("%s", choice.note)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
@@ -193,7 +199,8 @@ def calibrate_checkpoint(
                    "linears": names, "params": params, "kl": [[round(v, 7) for v in row] for row in kl],
                    "tokens": int(data.sens.numel()), "data": f"{calib_file.name} tokens after the calibration samples"}
     meta = {"source": source.description,
-            "build": {"method": "quept-calibrated", "seconds": round(time.perf_counter() - t_start, 2)},
+            "build": {"method": "quept-calibrated", "seconds": round(time.perf_counter() - t_start, 2),
+                      "notes": [choice.note]},
             "sensitivity": sensitivity}
     stage = out.parent / f".{out.name}.calib-{os.getpid()}"
     try:

@@ -70,6 +70,21 @@ def test_build_wrong_group_size(tiny_ckpt: Path, tmp_path: Path, capsys) -> None
     assert code == 0 and (tmp_path / "o" / "elastic.json").is_file(), err
 
 
+@pytest.mark.parametrize("flag,expected", [((), 32), (("--group-size", "64"), 64)])
+def test_build_group_size_defaults_to_the_source_block(tmp_path: Path, capsys, monkeypatch, flag, expected) -> None:
+    # a source quantized in blocks of 32 (as the default Q4_1 GGUF): 32 unless --group-size says otherwise
+    import dataclasses
+
+    from quept_runtime import source as source_mod
+    from tests.tiny import tiny_source
+
+    src = dataclasses.replace(tiny_source(), quant_block_size=32, quant_types=("Q4_1",))
+    monkeypatch.setattr(source_mod, "load_source", lambda path: src)
+    code, _, err = run(capsys, "build", "--out", str(tmp_path / "o"), *flag)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "elastic.json").read_text())["group_size"] == expected
+
+
 def test_build_missing_source(tmp_path: Path, capsys) -> None:
     code, _, err = run(capsys, "build", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert code == 2 and "does not exist" in err

@@ -51,3 +51,9 @@ def test_default_model_matches_transformers(default, bits: int) -> None:
     for t in range(n, len(ids)):
         ours.append(model(ids[t : t + 1], torch.tensor([t]), cache, build_layout(cache, [(seq, 1)]), bits))
     assert rel_err(torch.cat(ours), ref) < 1e-4
+
+
+def test_default_model_groups_follow_the_q4_1_blocks(default) -> None:
+    # the GGUF's linears are Q4_1 (blocks of 32 input columns): the build aligns its groups with them
+    assert default.ckpt.group_size == 32
+    assert default.ckpt.meta["build"]["notes"] == ["group size 32: the source's Q4_1/Q8_0 block size"]
