@@ -15,6 +15,8 @@ by `python -m kernels.native`). With neither, `load_native` raises `RuntimeError
 Environment:
     QUEPT_CACHE_DIR     cache root (default ~/.cache/quept)
     QUEPT_NATIVE_ISA    force an ISA path: generic, avx2 or avx512 (default: the best available)
+    QUEPT_NATIVE_W8_REFINE  0: width-8 rows take one int8 activation term like every width
+                        (default 1: two terms, about 15 bits; see kernels/native_ref.py)
     CXX                 the C++ compiler (default c++)
 """
 
@@ -184,6 +186,10 @@ def load_native() -> ModuleType:
                 if isa not in ISAS:
                     raise ValueError(f"QUEPT_NATIVE_ISA={isa!r}; choose one of {list(ISAS)}")
                 module.set_isa(isa)
+            refine = os.environ.get("QUEPT_NATIVE_W8_REFINE", "1")
+            if refine not in ("0", "1"):
+                raise ValueError(f"QUEPT_NATIVE_W8_REFINE={refine!r}; choose 0 or 1")
+            module.set_w8_refine(refine == "1")
             log.info("native CPU kernels: ISA %s (available: %s)", module.current_isa(), module.available_isas())
             _module = module
     return _module
@@ -203,6 +209,15 @@ def set_isa(name: str) -> None:
 
 def current_isa() -> str:
     return str(load_native().current_isa())
+
+
+def set_w8_refine(on: bool) -> None:
+    """Width-8 rows: two-term activations (True, the default) or one int8 term (False), for later calls."""
+    load_native().set_w8_refine(bool(on))
+
+
+def w8_refine() -> bool:
+    return bool(load_native().w8_refine())
 
 
 def main() -> None:

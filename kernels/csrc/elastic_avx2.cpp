@@ -86,8 +86,9 @@ template <int B>
 constexpr int kSums = B <= 4 ? 8 : (B == 5 ? 4 : (B == 6 ? 2 : 1));
 
 // Rows rows[0..MB) of one segment against half h of tile t. FUSED (one row): rebuild the codes per
-// chunk in registers; otherwise read them from qbuf, filled once per half-tile.
-template <int B, int MB, bool FUSED = false>
+// chunk in registers; otherwise read them from qbuf, filled once per half-tile. REF (width 8 only):
+// refined rows, the codes also meet the residual activations (second accumulator).
+template <int B, int MB, bool FUSED = false, bool REF = false>
 void dot_half(const LayerView& L, const ActView& A, const Segment& seg, const int32_t* rows, int64_t t, int h,
               const uint8_t* qbuf) {
     const int64_t K = L.k;
@@ -100,9 +101,16 @@ void dot_half(const LayerView& L, const ActView& A, const Segment& seg, const in
     const float* dxr[MB];
     const float* xsr[MB];
     const int32_t* xqs[MB];
+    const int8_t* xr2[MB];
+    const float* dxr2[MB];
     __m256 facc[MB];
+    static_assert(!REF || B == 8, "refined rows are width 8 only");
 #pragma GCC unroll 4
     for (int mb = 0; mb < MB; ++mb) {
+        if (REF) {
+            xr2[mb] = A.xq2 + rows[mb] * K;
+            dxr2[mb] = A.dx2 + rows[mb] * L.n_chunks;
+        }
         xr[mb] = A.xq + rows[mb] * K;
         dxr[mb] = A.dx + rows[mb] * L.n_chunks;
         xsr[mb] = A.xsum + rows[mb] * L.n_groups;
@@ -116,9 +124,10 @@ void dot_half(const LayerView& L, const ActView& A, const Segment& seg, const in
             const int64_t c = g * cpg + cc;
             __m256i qc[8];
             if (FUSED) unpack_chunk<B>(half_base(L, t, h), L.plane_stride, c, qc);
-            __m256i iacc[MB];
+            __m256i iacc[MB], iacc2[MB];
 #pragma GCC unroll 4
             for (int mb = 0; mb < MB; ++mb) {
+                if (REF) iacc2[mb] = _mm256_setzero_si256();  // width 8: centred products, as iacc
                 // codes enter centred, q - 2^(b-1) (see elastic_avx512.cpp); width 8 computes the centred
                 // products directly (maddubs needs |u8| * |s8| pairs under 2^15), narrower widths as
                 // sum q x - 2^(b-1) sum x, in integers
@@ -126,7 +135,7 @@ void dot_half(const LayerView& L, const ActView& A, const Segment& seg, const in
             }
 #pragma GCC unroll 8
             for (int i0 = 0; i0 < 8; i0 += kSums<B>) {
-                __m256i p16[MB];
+                __m256i p16[MB], p16r[MB];
 #pragma GCC unroll 8
                 for (int i = i0; i < i0 + kSums<B>; ++i) {
                     const __m256i qv = FUSED ? qc[i] : _mm256_load_si256((const __m256i*)(qbuf + (c * 8 + i) * 32));
@@ -143,15 +152,26 @@ void dot_half(const LayerView& L, const ActView& A, const Segment& seg, const in
                         const __m256i p = B == 8 ? _mm256_maddubs_epi16(qa, _mm256_sign_epi8(xb, qs))
                                                  : _mm256_maddubs_epi16(qv, xb);
                         p16[mb] = i == i0 ? p : _mm256_add_epi16(p16[mb], p);
+                        if (REF) {  // kSums<8> == 1: one product per widening, as above
+                            std::memcpy(&x4, xr2[mb] + c * kChunk + 4 * i, 4);
+                            p16r[mb] = _mm256_maddubs_epi16(qa, _mm256_sign_epi8(_mm256_set1_epi32(x4), qs));
+                        }
                     }
                 }
 #pragma GCC unroll 4
-                for (int mb = 0; mb < MB; ++mb) iacc[mb] = _mm256_add_epi32(iacc[mb], _mm256_madd_epi16(p16[mb], ones16));
+                for (int mb = 0; mb < MB; ++mb) {
+                    iacc[mb] = _mm256_add_epi32(iacc[mb], _mm256_madd_epi16(p16[mb], ones16));
+                    if (REF) iacc2[mb] = _mm256_add_epi32(iacc2[mb], _mm256_madd_epi16(p16r[mb], ones16));
+                }
             }
 #pragma GCC unroll 4
             for (int mb = 0; mb < MB; ++mb) {
                 const __m256 s = _mm256_mul_ps(sc, _mm256_set1_ps(dxr[mb][c]));
                 facc[mb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[mb]), s, facc[mb]);
+                if (REF) {
+                    const __m256 s2 = _mm256_mul_ps(sc, _mm256_set1_ps(dxr2[mb][c]));
+                    facc[mb] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc2[mb]), s2, facc[mb]);
+                }
             }
         }
 #pragma GCC unroll 4
@@ -185,25 +205,36 @@ void dot_half(const LayerView& L, const ActView& A, const Segment& seg, const in
     }
 }
 
-template <int B>
-void tile_segment(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, uint8_t* qbuf) {
+template <int B, bool REF>
+void tile_segment_ref(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, uint8_t* qbuf) {
     for (int h = 0; h < 2; ++h) {
         if (t * kTileRows + h * 8 >= L.n) break;
         if (B >= 5 && seg.n_rows == 1) {  // decode, many planes: no round trip through qbuf (measured:
                                           // 15% faster at w8, 10% slower at w2-w3, even at w4)
-            dot_half<B, 1, true>(L, A, seg, seg.rows, t, h, qbuf);
+            dot_half<B, 1, true, REF>(L, A, seg, seg.rows, t, h, qbuf);
             continue;
         }
         unpack_half<B>(L, t, h, qbuf);
         int64_t mi = 0;
-        for (; mi + 4 <= seg.n_rows; mi += 4) dot_half<B, 4>(L, A, seg, seg.rows + mi, t, h, qbuf);
+        for (; mi + 4 <= seg.n_rows; mi += 4) dot_half<B, 4, false, REF>(L, A, seg, seg.rows + mi, t, h, qbuf);
         switch (seg.n_rows - mi) {
-            case 3: dot_half<B, 3>(L, A, seg, seg.rows + mi, t, h, qbuf); break;
-            case 2: dot_half<B, 2>(L, A, seg, seg.rows + mi, t, h, qbuf); break;
-            case 1: dot_half<B, 1>(L, A, seg, seg.rows + mi, t, h, qbuf); break;
+            case 3: dot_half<B, 3, false, REF>(L, A, seg, seg.rows + mi, t, h, qbuf); break;
+            case 2: dot_half<B, 2, false, REF>(L, A, seg, seg.rows + mi, t, h, qbuf); break;
+            case 1: dot_half<B, 1, false, REF>(L, A, seg, seg.rows + mi, t, h, qbuf); break;
             default: break;
         }
     }
+}
+
+template <int B>
+void tile_segment(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, uint8_t* qbuf) {
+    if constexpr (B == 8) {
+        if (seg.refine) {
+            tile_segment_ref<B, true>(L, A, seg, t, qbuf);
+            return;
+        }
+    }
+    tile_segment_ref<B, false>(L, A, seg, t, qbuf);
 }
 
 }  // namespace

@@ -49,8 +49,9 @@ template <int B>
 constexpr int32_t kCentre = 1 << (B - 1);
 
 // Rows rows[0..MB) of one segment against tile t. FUSED: rebuild the codes per chunk in registers
-// (few rows); otherwise read them from qbuf[c][i][64], filled once per tile.
-template <int B, int MB, bool FUSED>
+// (few rows); otherwise read them from qbuf[c][i][64], filled once per tile. REF: refined rows, the
+// codes of each chunk also meet the residual activations (second integer accumulator).
+template <int B, int MB, bool FUSED, bool REF>
 void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const int32_t* rows, int64_t t,
               const uint8_t* qbuf) {
     const int64_t K = L.k;
@@ -62,9 +63,17 @@ void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const in
     const float* dxr[MB];
     const float* xsr[MB];
     const int32_t* xqs[MB];
+    const int8_t* xr2[MB];
+    const float* dxr2[MB];
+    const int32_t* xqs2[MB];
     __m512 facc[MB];
 #pragma GCC unroll 4
     for (int mb = 0; mb < MB; ++mb) {
+        if (REF) {
+            xr2[mb] = A.xq2 + rows[mb] * K;
+            dxr2[mb] = A.dx2 + rows[mb] * L.n_chunks;
+            xqs2[mb] = A.xqsum2 + rows[mb] * L.n_chunks;
+        }
         xr[mb] = A.xq + rows[mb] * K;
         dxr[mb] = A.dx + rows[mb] * L.n_chunks;
         xsr[mb] = A.xsum + rows[mb] * L.n_groups;
@@ -83,9 +92,12 @@ void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const in
 #pragma GCC unroll 8
                 for (int i = 0; i < 8; ++i) q[i] = _mm512_load_si512((const void*)(qbuf + (c * 8 + i) * 64));
             }
-            __m512i iacc[MB];
+            __m512i iacc[MB], iacc2[MB];
 #pragma GCC unroll 4
-            for (int mb = 0; mb < MB; ++mb) iacc[mb] = _mm512_set1_epi32(-kCentre<B> * xqs[mb][c]);
+            for (int mb = 0; mb < MB; ++mb) {
+                iacc[mb] = _mm512_set1_epi32(-kCentre<B> * xqs[mb][c]);
+                if (REF) iacc2[mb] = _mm512_set1_epi32(-kCentre<B> * xqs2[mb][c]);
+            }
 #pragma GCC unroll 8
             for (int i = 0; i < 8; ++i) {
 #pragma GCC unroll 4
@@ -93,12 +105,20 @@ void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const in
                     int32_t x4;
                     std::memcpy(&x4, xr[mb] + c * kChunk + 4 * i, 4);
                     iacc[mb] = _mm512_dpbusd_epi32(iacc[mb], q[i], _mm512_set1_epi32(x4));
+                    if (REF) {
+                        std::memcpy(&x4, xr2[mb] + c * kChunk + 4 * i, 4);
+                        iacc2[mb] = _mm512_dpbusd_epi32(iacc2[mb], q[i], _mm512_set1_epi32(x4));
+                    }
                 }
             }
 #pragma GCC unroll 4
             for (int mb = 0; mb < MB; ++mb) {
                 const __m512 s = _mm512_mul_ps(sc, _mm512_set1_ps(dxr[mb][c]));
                 facc[mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[mb]), s, facc[mb]);
+                if (REF) {
+                    const __m512 s2 = _mm512_mul_ps(sc, _mm512_set1_ps(dxr2[mb][c]));
+                    facc[mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc2[mb]), s2, facc[mb]);
+                }
             }
         }
 #pragma GCC unroll 4
@@ -124,16 +144,28 @@ void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const in
     for (int mb = 0; mb < MB; ++mb) _mm512_mask_storeu_ps(A.out + rows[mb] * L.n + n0, keep, facc[mb]);
 }
 
-template <int B, bool FUSED>
-void dot_rows(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, const uint8_t* qbuf) {
+template <int B, bool FUSED, bool REF>
+void dot_rows_ref(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, const uint8_t* qbuf) {
     int64_t mi = 0;
-    for (; mi + 4 <= seg.n_rows; mi += 4) dot_tile<B, 4, FUSED>(L, A, seg, seg.rows + mi, t, qbuf);
+    for (; mi + 4 <= seg.n_rows; mi += 4) dot_tile<B, 4, FUSED, REF>(L, A, seg, seg.rows + mi, t, qbuf);
     switch (seg.n_rows - mi) {
-        case 3: dot_tile<B, 3, FUSED>(L, A, seg, seg.rows + mi, t, qbuf); break;
-        case 2: dot_tile<B, 2, FUSED>(L, A, seg, seg.rows + mi, t, qbuf); break;
-        case 1: dot_tile<B, 1, FUSED>(L, A, seg, seg.rows + mi, t, qbuf); break;
+        case 3: dot_tile<B, 3, FUSED, REF>(L, A, seg, seg.rows + mi, t, qbuf); break;
+        case 2: dot_tile<B, 2, FUSED, REF>(L, A, seg, seg.rows + mi, t, qbuf); break;
+        case 1: dot_tile<B, 1, FUSED, REF>(L, A, seg, seg.rows + mi, t, qbuf); break;
         default: break;
     }
+}
+
+// Refined segments exist at width 8 only (the binding's rule): other widths never build REF code.
+template <int B, bool FUSED>
+void dot_rows(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, const uint8_t* qbuf) {
+    if constexpr (B == 8) {
+        if (seg.refine) {
+            dot_rows_ref<B, FUSED, true>(L, A, seg, t, qbuf);
+            return;
+        }
+    }
+    dot_rows_ref<B, FUSED, false>(L, A, seg, t, qbuf);
 }
 
 template <int B>

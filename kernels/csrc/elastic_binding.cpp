@@ -67,6 +67,11 @@ void set_isa(const std::string& name) {
 
 std::string current_isa() { return kIsaNames[g_isa.load()]; }
 
+// Width-8 rows carry two-term activations (elastic_common.h) unless switched off.
+std::atomic<bool> g_w8_refine{true};
+void set_w8_refine(bool on) { g_w8_refine.store(on); }
+bool w8_refine() { return g_w8_refine.load(); }
+
 // 64-byte aligned view into a growing thread-local buffer.
 uint8_t* thread_buffer(std::vector<uint8_t>& buf, size_t bytes) {
     if (buf.size() < bytes + 64) buf.resize(bytes + 64);
@@ -308,7 +313,11 @@ class Layer {
         const size_t off_qs = off_dx + (size_t)(M * L_.n_chunks) * 4;
         const size_t off_xs = off_qs + (size_t)(M * L_.n_chunks) * 4;
         const size_t off_u = off_xs + (size_t)(M * L_.n_groups) * 4;
-        uint8_t* buf = thread_buffer(call_buf, off_u + (size_t)(M * L_.rank_max) * 4);
+        // residual activations of refined rows (sized for every row; filled only when some row refines)
+        const size_t off_xq2 = (off_u + (size_t)(M * L_.rank_max) * 4 + 63) & ~size_t(63);
+        const size_t off_dx2 = (off_xq2 + (size_t)(M * K) + 63) & ~size_t(63);
+        const size_t off_qs2 = off_dx2 + (size_t)(M * L_.n_chunks) * 4;
+        uint8_t* buf = thread_buffer(call_buf, off_qs2 + (size_t)(M * L_.n_chunks) * 4);
         int32_t* rows = reinterpret_cast<int32_t*>(buf);
         int32_t* row_rank = reinterpret_cast<int32_t*>(buf + off_rank);
         int8_t* xq = reinterpret_cast<int8_t*>(buf + off_xq);
@@ -316,6 +325,9 @@ class Layer {
         int32_t* xqsum = reinterpret_cast<int32_t*>(buf + off_qs);
         float* xsum = reinterpret_cast<float*>(buf + off_xs);
         float* u = reinterpret_cast<float*>(buf + off_u);
+        int8_t* xq2 = reinterpret_cast<int8_t*>(buf + off_xq2);
+        float* dx2 = reinterpret_cast<float*>(buf + off_dx2);
+        int32_t* xqsum2 = reinterpret_cast<int32_t*>(buf + off_qs2);
 
         Segment segs[8];
         int n_segs = 0;
@@ -363,7 +375,27 @@ class Layer {
             rows_fn(xp, m0, m1, L_, row_rank, xq, dx, xqsum, xsum, u);
         });
 
-        const ActView A{xq, dx, xqsum, xsum, u, out.data_ptr<float>()};
+        const bool refine = g_w8_refine.load(std::memory_order_relaxed);
+        bool any_refined = false;
+        for (int i = 0; i < n_segs; ++i) {
+            segs[i].refine = refine && segs[i].bits == 8;
+            if (segs[i].refine) {
+                any_refined = true;
+                const Segment& sg = segs[i];
+                at::parallel_for(0, sg.n_rows, std::max<int64_t>(1, 65536 / K), [&](int64_t i0, int64_t i1) {
+                    for (int64_t j = i0; j < i1; ++j) {
+                        const int64_t m = sg.rows[j];
+                        residual_rows(xp, m, m + 1, L_, xq, dx, xq2, dx2, xqsum2);
+                    }
+                });
+            }
+        }
+        ActView A{xq, dx, xqsum, xsum, u, out.data_ptr<float>()};
+        if (any_refined) {
+            A.xq2 = xq2;
+            A.dx2 = dx2;
+            A.xqsum2 = xqsum2;
+        }
         const int64_t tile_work = kTileRows * K * M;
         const int64_t grain = std::max<int64_t>(1, 65536 / tile_work);
         const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), (L_.n_tiles + grain - 1) / grain);
@@ -412,4 +444,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("available_isas", &quept::available_isas, "ISA paths this CPU can run, slowest first");
     m.def("set_isa", &quept::set_isa, py::arg("name"), "Select the ISA path (generic, avx2, avx512)");
     m.def("current_isa", &quept::current_isa);
+    m.def("set_w8_refine", &quept::set_w8_refine, py::arg("on"),
+          "Width-8 rows take two-term (about 15-bit) activations (default on); off: one int8 term like every width");
+    m.def("w8_refine", &quept::w8_refine);
 }

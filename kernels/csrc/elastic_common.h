@@ -17,6 +17,11 @@
 // Activations are quantized per row and per chunk of 32 to int8 with a scale (as llama.cpp's Q8_0):
 //   dx = max|x| / 127, xq = round_half_even(x * (1 / dx)); the per-group sums of the fp32 x (for
 //   the min term) and the adapter down-projection u = x A[:r]^T are computed from the fp32 x.
+// Refined rows (width 8 unless switched off, see set_w8_refine) carry their activations as two int8
+// terms: the residual r = x - xq dx is quantized the same way (dx2 = max|r| / 127, xq2), and the
+// code term takes sum (q - c) (xq dx + xq2 dx2): about 15 bits of activation for the width whose
+// weights are finest, where one int8 term would dominate the error. The codes are unpacked once
+// and meet both terms, so it costs a second dot product per chunk, not a second pass.
 #pragma once
 
 #include <cstdint>
@@ -47,6 +52,9 @@ struct ActView {
     const float* xsum;  // [M][n_groups] sums of the fp32 x per weight group
     const float* u;     // [M][R] adapter down-projection (first r_b entries valid)
     float* out;         // [M][N]
+    const int8_t* xq2 = nullptr;     // [M][K] residual term of refined rows (else unused)
+    const float* dx2 = nullptr;      // [M][n_chunks]
+    const int32_t* xqsum2 = nullptr; // [M][n_chunks]
 };
 
 // Rows of one call that share a width.
@@ -56,6 +64,7 @@ struct Segment {
     int rank;            // adapter rank of this width
     const int32_t* rows; // row indices
     int64_t n_rows;
+    bool refine = false; // two-term activations (ActView xq2/dx2/xqsum2); only with bits == 8
 };
 
 // Tiles [t0, t1) of one layer for every segment. scratch: at least scratch_bytes(k) bytes, 64-aligned.
@@ -65,6 +74,10 @@ using RowsFn = void (*)(const float* x, int64_t m0, int64_t m1, const LayerView&
                         int8_t* xq, float* dx, int32_t* xqsum, float* xsum, float* u);
 
 inline int64_t scratch_bytes(int64_t k) { return 2 * 8 * k * 2 + 256; }
+
+// Residual term of rows [m0, m1) (after the rows function): r = x - xq dx, quantized as x is.
+void residual_rows(const float* x, int64_t m0, int64_t m1, const LayerView& L, const int8_t* xq, const float* dx,
+                   int8_t* xq2, float* dx2, int32_t* xqsum2);
 
 void tiles_generic(const LayerView&, const ActView&, const Segment*, int, int64_t, int64_t, uint8_t*);
 void rows_generic(const float*, int64_t, int64_t, const LayerView&, const int32_t*, int8_t*, float*, int32_t*, float*,

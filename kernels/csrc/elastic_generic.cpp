@@ -43,6 +43,35 @@ void rows_generic(const float* x, int64_t m0, int64_t m1, const LayerView& L, co
     }
 }
 
+void residual_rows(const float* x, int64_t m0, int64_t m1, const LayerView& L, const int8_t* xq, const float* dx,
+                   int8_t* xq2, float* dx2, int32_t* xqsum2) {
+    const int64_t K = L.k;
+    for (int64_t m = m0; m < m1; ++m) {
+        for (int64_t c = 0; c < L.n_chunks; ++c) {
+            const int64_t k0 = m * K + c * kChunk;
+            const float d1 = dx[m * L.n_chunks + c];
+            float r[kChunk];
+            float amax = 0.f;
+            for (int j = 0; j < kChunk; ++j) {
+                const float p = (float)xq[k0 + j] * d1;  // rounded product, then the difference (no fma)
+                r[j] = x[k0 + j] - p;
+                amax = std::fmax(amax, std::fabs(r[j]));
+            }
+            const float d = amax / 127.f;
+            const float id = d > 0.f ? 1.f / d : 0.f;
+            int32_t qsum = 0;
+            for (int j = 0; j < kChunk; ++j) {
+                float v = std::nearbyint(r[j] * id);
+                v = std::fmin(127.f, std::fmax(-127.f, v));
+                xq2[k0 + j] = (int8_t)v;
+                qsum += (int32_t)v;
+            }
+            dx2[m * L.n_chunks + c] = d;
+            xqsum2[m * L.n_chunks + c] = qsum;
+        }
+    }
+}
+
 // qbuf: [16 rows][K] codes of width `bits` for tile t.
 static void unpack_tile(const LayerView& L, int bits, int64_t t, uint8_t* qbuf) {
     const int64_t K = L.k;
@@ -78,6 +107,7 @@ void tiles_generic(const LayerView& L, const ActView& A, const Segment* segs, in
             for (int64_t mi = 0; mi < seg.n_rows; ++mi) {
                 const int64_t m = seg.rows[mi];
                 const int8_t* xq = A.xq + m * K;
+                const int8_t* xq2 = seg.refine ? A.xq2 + m * K : nullptr;
                 for (int r = 0; r < kTileRows; ++r) {
                     const int64_t n = t * kTileRows + r;
                     if (n >= L.n) break;
@@ -90,6 +120,11 @@ void tiles_generic(const LayerView& L, const ActView& A, const Segment* segs, in
                             int32_t isum = 0;
                             for (int j = 0; j < kChunk; ++j) isum += ((int32_t)q[c * kChunk + j] - centre) * xq[c * kChunk + j];
                             gs += (float)isum * A.dx[m * L.n_chunks + c];
+                            if (xq2) {
+                                int32_t isum2 = 0;
+                                for (int j = 0; j < kChunk; ++j) isum2 += ((int32_t)q[c * kChunk + j] - centre) * xq2[c * kChunk + j];
+                                gs += (float)isum2 * A.dx2[m * L.n_chunks + c];
+                            }
                         }
                         const float scale = half_to_float(sc[g * kTileRows + r]);
                         const float min = half_to_float(mn[g * kTileRows + r]) + (float)centre * scale;

@@ -3,7 +3,8 @@
 At load, `prepare` repacks each layer's master codes into bit-planes (plane p = bit 7-p of every
 code, tiled 16 rows x 32 columns), so a row at width `b` reads `b/8` of the code bytes plus its
 group affines, and keeps scales, mins and adapters in fp16. At run time one C++ call per linear
-rounds the activations to int8 per block of 32 (as llama.cpp's Q8_0), takes integer dot products
+rounds the activations to int8 per block of 32 (as llama.cpp's Q8_0; width-8 rows add a second int8
+term for the residual, about 15 bits, so w8 serves the source model's answers), takes integer dot products
 with the codes (AVX-512 VNNI, AVX2 maddubs, or plain C++, chosen from the CPU at run time), applies
 the group affines with per-group sums of the fp32 activations, adds the adapter `(x A[:r]^T) B[:, :r]^T`
 and the bias, for every row at its own width, on torch's intra-op threads. The numeric contract and

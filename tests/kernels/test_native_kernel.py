@@ -92,10 +92,12 @@ def check(native, case: Case, x: torch.Tensor, row_bits: torch.Tensor | int) -> 
     """Every ISA path: fp32-close to the emulation, within the rounding bound of the exact reference."""
     layer = case.layer(native)
     n = case.codes.shape[0]
-    emu = elastic_linear_emulated(x, *case.args(), row_bits, case.widths, case.ranks, case.group_size, case.bias)
+    refine = bool(native.w8_refine())
+    emu = elastic_linear_emulated(x, *case.args(), row_bits, case.widths, case.ranks, case.group_size, case.bias,
+                                  refine_w8=refine)
     ref = elastic_linear_ref(x, *case.args(), row_bits, case.widths, case.ranks, case.group_size, case.bias)
     mag = magnitude(x, *case.args(), row_bits, case.widths, case.ranks, case.group_size, case.bias)
-    bound = error_bound(x, case.codes, case.scales, row_bits, case.widths, case.group_size)
+    bound = error_bound(x, case.codes, case.scales, row_bits, case.widths, case.group_size, refine_w8=refine)
     for isa in native.available_isas():
         native.set_isa(isa)
         got = run(native, layer, x, row_bits, n)
@@ -139,6 +141,42 @@ def test_prefill_rows_and_odd_sizes(native, gen) -> None:
     x = activations(gen, 33, 320)
     for bits in (8, 4, 2):
         check(native, case, x, bits)
+
+
+@pytest.fixture
+def w8_refine_off(native):
+    native.set_w8_refine(False)
+    yield
+    native.set_w8_refine(True)
+
+
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_w8_single_int8_term_when_refinement_is_off(native, gen, w8_refine_off, m: int) -> None:
+    case = make_case(gen, n=37, k=192, group_size=64, ranks=(0, 2, 4, 4, 6, 8))
+    check(native, case, activations(gen, m, 192), 8)
+    check(native, case, activations(gen, m, 192), torch.tensor([8, 4, 8, 2, 8, 6][:m]))
+
+
+def test_w8_refinement_cuts_the_activation_error_and_leaves_other_widths_alone(native, gen) -> None:
+    case = make_case(gen, n=64, k=256, group_size=64, ranks=(0, 2, 4, 4, 6, 8))
+    x = activations(gen, 5, 256)
+    layer = case.layer(native)
+    row_bits = torch.tensor([8, 4, 8, 2, 6])
+    ref = elastic_linear_ref(x, *case.args(), row_bits, case.widths, case.ranks, case.group_size, case.bias)
+    for isa in native.available_isas():
+        native.set_isa(isa)
+        try:
+            native.set_w8_refine(False)
+            plain = run(native, layer, x, row_bits, 64)
+            native.set_w8_refine(True)
+            refined = run(native, layer, x, row_bits, 64)
+        finally:
+            native.set_w8_refine(True)
+        w8 = row_bits == 8
+        err_plain = (plain[w8] - ref[w8]).abs().max().item()
+        err_refined = (refined[w8] - ref[w8]).abs().max().item()
+        assert err_refined * 20 < err_plain, f"{isa}: refined {err_refined:.3g} vs one term {err_plain:.3g}"
+        assert torch.equal(plain[~w8], refined[~w8]), f"{isa}: narrower widths changed"
 
 
 def test_exact_when_activations_are_representable(native, gen) -> None:
