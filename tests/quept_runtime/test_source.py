@@ -66,3 +66,44 @@ def test_default_gguf_is_q4_1_with_q8_0_embedding() -> None:
     from quept_runtime.source import default_source_path
 
     assert read_quant_blocks(default_source_path()) == QuantBlocks(32, ("Q4_1", "Q8_0"), (576, 1536))
+
+
+def test_tensor_headers_match_gguf_reader_past_every_metadata_type(tmp_path: Path) -> None:
+    import gguf
+
+    from quept_runtime.source import gguf_tensor_headers
+
+    path = tmp_path / "meta.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "tiny")
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_float32("x.f", 0.5)
+    writer.add_bool("x.b", True)
+    writer.add_int64("x.i", -3)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"] * 50)  # strings: skipped one by one
+    writer.add_array("tokenizer.ggml.scores", [0.1, 0.2, 0.3])  # fixed-size: skipped at once
+    for name, (t, shape) in model_tensors("Q4_1").items():
+        import numpy as np
+
+        data = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        qtype = gguf.GGMLQuantizationType[t]
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = [(h.name, h.shape, h.tensor_type) for h in gguf_tensor_headers(path)]
+    theirs = [(t.name, tuple(int(v) for v in t.shape), t.tensor_type) for t in gguf.GGUFReader(str(path)).tensors]
+    assert ours == theirs and len(ours) == len(model_tensors("Q4_1"))
+
+
+def test_not_a_gguf_file_is_named(tmp_path: Path) -> None:
+    from quept_runtime.errors import SourceModelError
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(SourceModelError, match="bad.gguf.*bad magic"):
+        read_quant_blocks(bad)
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(3))  # truncated header
+    with pytest.raises(SourceModelError, match="bad.gguf"):
+        read_quant_blocks(bad)
