@@ -57,3 +57,21 @@ def test_default_model_groups_follow_the_q4_1_blocks(default) -> None:
     # the GGUF's linears are Q4_1 (blocks of 32 input columns): the build aligns its groups with them
     assert default.ckpt.group_size == 32
     assert default.ckpt.meta["build"]["notes"] == ["group size 32: the source's Q4_1/Q8_0 block size"]
+
+
+@pytest.mark.parametrize("backend", ["torch-fp32", "native"])
+def test_w8_answers_like_the_fp32_source(default, backend: str) -> None:
+    """The fp32 source answers "The capital of France is Paris." by a 0.08-logit margin over "L'Étoile";
+    w8 (groups on the Q4_1 blocks; native: two-term activations at w8) must keep that answer."""
+    from quept_runtime.backends import get_backend
+    from quept_runtime.generate import generate
+    from quept_runtime.loader import elastic_model_from_checkpoint
+    from quept_runtime.precision import PrecisionPlan
+
+    try:
+        model = elastic_model_from_checkpoint(default.ckpt, get_backend(backend))
+    except RuntimeError as err:  # no C++ compiler: the native backend cannot be built
+        pytest.skip(str(err))
+    ids = default.encode_chat("What is the capital of France?")
+    out = generate(model, ids, PrecisionPlan.uniform(8), 8)
+    assert default.tokenizer.decode(out.tokens).startswith("The capital of France is Paris")
