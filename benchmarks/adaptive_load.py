@@ -47,8 +47,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# benchmarks/kernels.py would shadow the `kernels` package: import from the repository root instead
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))  # the repository's packages, also from a checkout without `pip install -e .`
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPTS = ["Write a short poem about the sea.", "Explain what a hash table is.", "List three uses of copper.",
            "Describe the water cycle in two sentences.", "What is the capital of Italy and why is it famous?",

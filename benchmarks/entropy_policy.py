@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# benchmarks/kernels.py would shadow the `kernels` package: import from the repository root instead
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))  # the repository's packages, also from a checkout without `pip install -e .`
 RESULTS = ROOT / "benchmarks" / "results"
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from kernels.triton_bytes import decode_traffic, ideal_speedup, prefill_traffic, total_bytes  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_bench.py"
 
 
 def load_bench():

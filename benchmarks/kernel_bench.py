@@ -9,8 +9,8 @@ benchmarks/results/kernels_<gpu>.json.
 Without a GPU it says so, measures nothing, runs the correctness sweep in the Triton interpreter
 (small shapes) and prints the byte model's H100 roofline; it exits 0 when the sweep passes.
 
-    python benchmarks/kernels.py                 # GPU: full table; CPU: sweep + roofline
-    python benchmarks/kernels.py --models llama-3-8b --rows 1,16 --cudagraph
+    python benchmarks/kernel_bench.py                 # GPU: full table; CPU: sweep + roofline
+    python benchmarks/kernel_bench.py --models llama-3-8b --rows 1,16 --cudagraph
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-_HERE = Path(__file__).resolve().parent
-# run as a script, benchmarks/ would shadow the `kernels` package with this file
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, also without `pip install -e .`
 
 import torch  # noqa: E402
 
@@ -41,7 +38,7 @@ from kernels.triton_bytes import (  # noqa: E402
     total_bytes,
 )
 
-log = logging.getLogger("benchmarks.kernels")
+log = logging.getLogger("benchmarks.kernel_bench")
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 RANKS = (0, 8, 8, 16, 24, 32)  # quept_runtime.builder.DEFAULT_RANKS
@@ -134,7 +131,7 @@ def run_gpu(args: argparse.Namespace) -> int:
                     r.update(model=model, linear=name)
                     results.append(r)
                     print(format_row(model, name, r), flush=True)
-    out = Path(args.out or _HERE / "results" / f"kernels_{gpu.replace(' ', '_').lower()}.json")
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"kernels_{gpu.replace(' ', '_').lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
                                "results": results}, indent=1))
