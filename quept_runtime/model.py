@@ -206,12 +206,12 @@ class ElasticModel(nn.Module):
         k_flat.index_copy_(0, layout.write_slots, k)
         v_flat.index_copy_(0, layout.write_slots, v)
         out = q.new_empty(q.shape[0], a.n_heads, a.head_dim)
+        group = a.n_heads // a.n_kv_heads
         seqs = layout.seqs
         g = layout.decode
         if g is not None:  # all decode rows in one call instead of one call per sequence
             n = g.rows.numel()
             # the G = Hq / Hkv query heads of a KV head act as G query positions: no K/V expansion for GQA
-            group = a.n_heads // a.n_kv_heads
             qd = q.index_select(0, g.rows).view(n, a.n_kv_heads, group, a.head_dim)  # [B, Hkv, G, D]
             # whole blocks are gathered (contiguous copies), then viewed as [B, Hkv, Lmax, D]
             kd = cache.k_cache[layer].index_select(0, g.blocks).view(n, g.max_len, a.n_kv_heads, a.head_dim)
@@ -221,13 +221,17 @@ class ElasticModel(nn.Module):
             out.index_copy_(0, g.rows, od.reshape(n, a.n_heads, a.head_dim))  # [B, Hq, D]
             seqs = [s for s in seqs if s.length != 1]
         for s in seqs:
-            qs = q[s.start : s.start + s.length].transpose(0, 1)  # [Hq, Lq, D]
             ks = k_flat.index_select(0, s.ctx_slots).transpose(0, 1)  # [Hkv, Lk, D]
             vs = v_flat.index_select(0, s.ctx_slots).transpose(0, 1)
-            mask = None
-            if s.length > 1:
-                q_pos = torch.arange(s.length).unsqueeze(1) + s.context_before  # [Lq, 1]
-                mask = torch.arange(s.ctx_slots.numel()).unsqueeze(0) <= q_pos  # [Lq, Lk]
+            if s.length == 1:  # decode: the G query heads of a KV head as G positions, no mask (about 3x
+                # faster than enable_gqa's K/V expansion at these sizes, measured 20 vs 60 us per call)
+                qs = q[s.start].view(a.n_kv_heads, group, a.head_dim)  # [Hkv, G, D]
+                o = F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0))  # [1, Hkv, G, D]
+                out[s.start] = o.view(a.n_heads, a.head_dim)
+                continue
+            qs = q[s.start : s.start + s.length].transpose(0, 1)  # [Hq, Lq, D]
+            q_pos = torch.arange(s.length).unsqueeze(1) + s.context_before  # [Lq, 1]
+            mask = torch.arange(s.ctx_slots.numel()).unsqueeze(0) <= q_pos  # [Lq, Lk] causal
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
             out[s.start : s.start + s.length] = o.transpose(0, 1)
         return out.view(q.shape[0], a.n_heads * a.head_dim)
