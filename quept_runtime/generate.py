@@ -39,6 +39,9 @@ def check_context(model: ElasticModel, prompt_len: int, max_tokens: int) -> None
         raise ContextLengthError(f"prompt of {prompt_len} tokens plus max_tokens {max_tokens} exceeds the context of {limit} tokens")
 
 
+KV_BLOCK = 16  # tokens per KV-cache block
+
+
 def generate(
     model: ElasticModel,
     prompt_ids: Sequence[int],
@@ -46,12 +49,18 @@ def generate(
     max_tokens: int,
     params: SamplingParams = SamplingParams(),
     stop_ids: Sequence[int] = (),
-    kv_budget_bytes: int = 256 << 20,
+    kv_budget_bytes: int | None = None,
 ) -> GenerationResult:
-    """Prefill the prompt, then decode up to `max_tokens` tokens (stops early on `stop_ids`)."""
+    """Prefill the prompt, then decode up to `max_tokens` tokens (stops early on `stop_ids`).
+
+    The KV cache holds `kv_budget_bytes`, by default just the blocks prompt + max_tokens need (a fixed
+    256 MiB default was zero-filled on every call and stayed resident).
+    """
     check_context(model, len(prompt_ids), max_tokens)
     plan_at: PlanFn = plan if callable(plan) else (lambda step: plan)  # type: ignore[assignment,return-value]
-    cache = model.new_kv_cache(kv_budget_bytes)
+    if kv_budget_bytes is None:
+        kv_budget_bytes = (len(prompt_ids) + max_tokens + KV_BLOCK) * model.kv_bytes_per_token()
+    cache = model.new_kv_cache(kv_budget_bytes, KV_BLOCK)
     blocks = SequenceBlocks()
     gen = params.generator()
     tokens = torch.tensor(list(prompt_ids), dtype=torch.int64)

@@ -192,6 +192,11 @@ class ElasticModel(nn.Module):
     def n_linears(self) -> int:
         return len(self.linear_names)
 
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
+        """K and V of one token over every layer."""
+        a = self.args
+        return 2 * a.n_layers * a.n_kv_heads * a.head_dim * torch.empty(0, dtype=dtype).element_size()
+
     def new_kv_cache(self, budget_bytes: int, block_size: int = 16) -> PagedKVCache:
         a = self.args
         return PagedKVCache.with_budget(a.n_layers, a.n_kv_heads, a.head_dim, budget_bytes, block_size)
