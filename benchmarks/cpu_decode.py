@@ -4,9 +4,11 @@
 Same prompt token ids, same thread count, greedy, exactly `--tokens` new tokens (end-of-sequence
 ignored), one measured run each after a short warm-up; every configuration runs in its own
 subprocess, one after another, so each resident memory (RSS) is that configuration's alone.
+`--repeat N` runs the batch-1 configurations in N interleaved rounds and reports each one's median
+(single runs on a shared 2-core machine moved by +-25 % between minutes).
 
     pip install llama-cpp-python            # compiles llama.cpp from source (~10 min on 2 cores)
-    python benchmarks/cpu_decode.py --threads 2 --tokens 128
+    python benchmarks/cpu_decode.py --threads 2 --tokens 128 --repeat 3
 
 Batch 1 decode tokens/s exclude the prefill (time from the first to the last new token). Batch 8
 runs 8 copies of the prompt: quept through the engine (continuous batching, one forward per
@@ -22,6 +24,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -388,6 +391,9 @@ def main() -> None:
                         help="also run batch-1 decode with this ISA path forced (e.g. avx2: what AVX2-only CPUs get); "
                              "'' to skip")
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-width kernel table")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="batch-1 rounds (HF, llama.cpp, every width, interleaved); each reports the median "
+                             "over rounds, which a shared machine's noise moves far less than one run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -427,6 +433,18 @@ def main() -> None:
               f"  peak RSS {r['peak_rss_mb']:6.0f} MiB" +
               (f"  batch{args.batch} {r[f'batch{args.batch}_tokens_per_s']:7.1f} tok/s"
                if f"batch{args.batch}_tokens_per_s" in r else "")), flush=True)
+    batch1 = [(name, spec) for name, spec in jobs if spec["kind"] in ("hf", "llama", "quept") and "-" not in name]
+    for rnd in range(1, args.repeat):
+        for name, spec in batch1:
+            r = run_worker({**spec, "batch": 1}, timeout=1200)
+            if "error" in r or "error" in res[name]:
+                continue
+            res[name].setdefault("rounds_tokens_per_s", [res[name]["tokens_per_s"]]).append(r["tokens_per_s"])
+            print(f"{name:>6}: round {rnd + 1}: {r['tokens_per_s']:7.1f} tok/s", flush=True)
+    for name, _ in batch1:
+        rounds = res[name].get("rounds_tokens_per_s")
+        if rounds:
+            res[name]["tokens_per_s"] = statistics.median(rounds)
     res.setdefault("hf", {})
     res.setdefault("llama", {})
     summary = summarize(res, args.batch)
