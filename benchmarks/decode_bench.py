@@ -72,7 +72,8 @@ def run_quept(checkpoint: str, backend: str, bits: int, tokens: int, threads: in
     model_bytes = sum(t.numel() * t.element_size() for t in lm.ckpt.dense.values())
     for lin in lm.model.linears:
         w = lin.weights
-        model_bytes += sum(t.numel() * t.element_size() for t in (w.codes, w.scales, w.mins, w.lora_a, w.lora_b))
+        model_bytes += sum(t.numel() * t.element_size() for t in (w.codes, w.scales, w.mins, w.lora_a, w.lora_b)
+                           if t.device.type != "meta")  # meta: released after the backend repacked them
         model_bytes += lm.backend.resident_bytes(lin.prepared)
     return {"name": f"quept {backend} w{bits}", "bits": bits, "backend": backend, "tokens": len(result.tokens),
             "prefill_s": result.prefill_seconds, "seconds": result.decode_seconds,

@@ -66,11 +66,29 @@ class LoadedModel:
         return list(tok(prompt)["input_ids"])
 
 
+def release_host_copies(ckpt: ElasticCheckpoint, model: ElasticModel) -> int:
+    """Drop the checkpoint's tensors of every layer its backend has repacked into its own copy (the
+    native backend's bit-planes): codes and affines would otherwise be resident twice. Shapes stay
+    readable (meta tensors). Returns the bytes released."""
+    from quept_runtime.model import ElasticLinear
+
+    freed = 0
+    for name, lin in zip(model.linear_names, model.linears):
+        if isinstance(lin, ElasticLinear) and lin.backend.owns_copy(lin.prepared):
+            w = lin.weights
+            freed += sum(t.numel() * t.element_size() for t in (w.codes, w.scales, w.mins, w.lora_a, w.lora_b))
+            lin.weights = ckpt.elastic[name] = w.without_data()
+    if freed:
+        log.info("released %.0f MiB of checkpoint tensors the backend holds repacked", freed / 2**20)
+    return freed
+
+
 def load_model(checkpoint: str | Path, backend: str = "auto", device: str = "cpu") -> LoadedModel:
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     be = get_backend(backend, device)
     model = elastic_model_from_checkpoint(ckpt, be)
+    release_host_copies(ckpt, model)
     tokenizer = None
     if (Path(checkpoint) / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

@@ -9,7 +9,7 @@ The math is defined by `kernels.reference.elastic_linear_ref`; every backend is 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -40,6 +40,15 @@ class ElasticWeights:
     def rank_of(self, bits: int) -> int:
         return self.ranks[self.widths.index(bits)]
 
+    def without_data(self) -> "ElasticWeights":
+        """The same layer with its big tensors on the meta device: shapes, dtypes and sizes stay
+        readable, the bytes are gone (for a backend that keeps its own packed copy)."""
+        def meta(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+        return replace(self, codes=meta(self.codes), scales=meta(self.scales), mins=meta(self.mins),
+                       lora_a=meta(self.lora_a), lora_b=meta(self.lora_b))
+
 
 class ElasticBackend(ABC):
     """Runs elastic linears. Stateless apart from what `prepare` returns per layer."""
@@ -57,3 +66,7 @@ class ElasticBackend(ABC):
     def resident_bytes(self, prepared: Any) -> int:
         """Bytes this backend keeps resident for one layer (for memory reports)."""
         return 0
+
+    def owns_copy(self, prepared: Any) -> bool:
+        """True when `forward` never reads the checkpoint's tensors again (the layer was repacked)."""
+        return False

@@ -84,6 +84,9 @@ class NativeBackend(ElasticBackend):
             return layer.forward(x, int(row_bits))
         return layer.forward_rows(x, row_bits)
 
+    def owns_copy(self, prepared: NativePrepared) -> bool:
+        return prepared.layer is not None  # bit-planes, affines and adapters copied into the extension
+
     def resident_bytes(self, prepared: NativePrepared) -> int:
         if prepared.layer is None:
             return self._torch.resident_bytes(prepared.fallback)  # type: ignore[arg-type]
