@@ -436,8 +436,9 @@ def main() -> None:
     batch1 = [(name, spec) for name, spec in jobs if spec["kind"] in ("hf", "llama", "quept") and "-" not in name]
     for rnd in range(1, args.repeat):
         for name, spec in batch1:
-            r = run_worker({**spec, "batch": 1}, timeout=1200)
+            r = run_worker({**spec, "batch": 1} if "batch" in spec else spec, timeout=1200)
             if "error" in r or "error" in res[name]:
+                print(f"{name:>6}: round {rnd + 1}: " + r.get("error", "")[-400:], flush=True)
                 continue
             res[name].setdefault("rounds_tokens_per_s", [res[name]["tokens_per_s"]]).append(r["tokens_per_s"])
             print(f"{name:>6}: round {rnd + 1}: {r['tokens_per_s']:7.1f} tok/s", flush=True)
