@@ -40,6 +40,15 @@ class ElasticWeights:
     def rank_of(self, bits: int) -> int:
         return self.ranks[self.widths.index(bits)]
 
+    def effective_ranks(self) -> tuple[int, ...]:
+        """Adapter rank per width that contributes: the prefix up to the last component whose A row and
+        B column are both nonzero (a round-to-nearest build stores zero adapters: every rank is 0)."""
+        if self.lora_a.numel() == 0:
+            return tuple(0 for _ in self.ranks)
+        live = (self.lora_a != 0).any(dim=1) & (self.lora_b != 0).any(dim=0)  # [R]
+        used = int(live.nonzero().max()) + 1 if bool(live.any()) else 0
+        return tuple(min(r, used) for r in self.ranks)
+
     def without_data(self) -> "ElasticWeights":
         """The same layer with its big tensors on the meta device: shapes, dtypes and sizes stay
         readable, the bytes are gone (for a backend that keeps its own packed copy)."""

@@ -67,8 +67,10 @@ class NativeBackend(ElasticBackend):
                 self._warned = True
             return NativePrepared(None, self._torch.prepare(weights), n, k)
         bias = torch.empty(0) if weights.bias is None else weights.bias.float()
-        layer = self._ext.Layer(weights.codes, weights.scales, weights.mins, weights.lora_a, weights.lora_b, bias,
-                                list(weights.widths), list(weights.ranks), g)
+        ranks = weights.effective_ranks()  # zero adapter components cost work and add nothing: skipped
+        r = max(ranks, default=0)
+        layer = self._ext.Layer(weights.codes, weights.scales, weights.mins, weights.lora_a[:r], weights.lora_b[:, :r],
+                                bias, list(weights.widths), list(ranks), g)
         return NativePrepared(layer, None, n, k)
 
     def forward(self, prepared: NativePrepared, x: torch.Tensor, row_bits: torch.Tensor | int) -> torch.Tensor:

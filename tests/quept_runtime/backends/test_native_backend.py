@@ -65,6 +65,34 @@ def test_forward_matches_emulation_and_reference(gen, row_bits) -> None:
     assert float((got - ref).norm() / ref.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("live", [0, 3, 8])
+def test_zero_adapter_components_are_skipped_exactly(gen, live: int) -> None:
+    """A round-to-nearest build stores zero adapters: the kernel skips the zero components (fewer
+    bytes and FMAs), and the output is what the stored ranks give."""
+    be = get_backend("native")
+    w = weights(gen, n=40, k=128, group_size=32, ranks=(0, 2, 4, 4, 6, 8))
+    w.lora_a[live:] = 0  # components live.. contribute nothing
+    assert w.effective_ranks() == tuple(min(r, live) for r in w.ranks)
+    prepared = be.prepare(w)
+    full = be.prepare(weights(torch.Generator().manual_seed(0), n=40, k=128, group_size=32, ranks=(0, 2, 4, 4, 6, 8)))
+    assert be.resident_bytes(prepared) < be.resident_bytes(full) or live == 8
+    x = torch.randn(5, 128, generator=gen)
+    for bits in WIDTHS:
+        emu = elastic_linear_emulated(x, *args(w), bits, w.widths, w.ranks, w.group_size, w.bias)
+        mag = magnitude(x, *args(w), bits, w.widths, w.ranks, w.group_size, w.bias)
+        got = be.forward(prepared, x, bits)
+        assert ((got.double() - emu.double()).abs() <= 1e-5 * mag + 1e-6).all(), bits
+
+
+def test_effective_ranks_keep_the_prefix_up_to_the_last_live_component(gen) -> None:
+    w = weights(gen, n=16, k=64, group_size=32, ranks=(0, 2, 4, 4, 6, 8))
+    w.lora_b[:, 1] = 0  # a dead component inside the prefix: components after it still count
+    w.lora_a[6:] = 0
+    assert w.effective_ranks() == (0, 2, 4, 4, 6, 6)
+    w.lora_b.zero_()
+    assert w.effective_ranks() == (0,) * 6
+
+
 def test_leading_dims_and_resident_bytes(gen) -> None:
     be = get_backend("native")
     w = weights(gen, n=48, k=128, group_size=32, bias=False)
