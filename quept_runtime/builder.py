@@ -69,10 +69,13 @@ def default_group_size(
     return GroupSizeChoice(block_size, f"the source's {kind}block size")
 
 
-def default_checkpoint_name(group_size: int) -> str:
-    """Directory name of the default model's checkpoint in a cache; it carries the group size, so that a
-    cache built with another group size is not reused."""
-    return f"{DEFAULT_CHECKPOINT_STEM}-g{group_size}"
+DEFAULT_AFFINE = "lsq"  # `quept build`'s per-width affines (quantizer.quantize_nested): better than "centre" at every width
+
+
+def default_checkpoint_name(group_size: int, affine: str = DEFAULT_AFFINE) -> str:
+    """Directory name of the default model's checkpoint in a cache; it carries the build recipe (group size
+    and affine fit), so that a cache built with another recipe is not reused."""
+    return f"{DEFAULT_CHECKPOINT_STEM}-g{group_size}-{affine}"
 
 
 def default_checkpoint_dir(cache_dir: str | Path) -> Path:
@@ -108,10 +111,11 @@ def default_ranks(widths: Sequence[int]) -> dict[int, int]:
 
 
 def quantize_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, widths: tuple[int, ...], group_size: int, ranks: dict[int, int]
+    weight: torch.Tensor, bias: torch.Tensor | None, widths: tuple[int, ...], group_size: int, ranks: dict[int, int],
+    affine: str = "centre",
 ) -> ElasticWeights:
-    """Nested RTN codes, centre-of-bin affines and zero adapters (max rank R) for one linear."""
-    codes, scales, mins = quantize_nested(weight, widths, group_size)
+    """Nested RTN codes, per-width affines (`quantize_nested`'s `affine`) and zero adapters (max rank R) for one linear."""
+    codes, scales, mins = quantize_nested(weight, widths, group_size, affine)
     n, k = weight.shape
     r_max = max(ranks.values())
     return ElasticWeights(
@@ -147,10 +151,12 @@ def build_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
+    affine: str = DEFAULT_AFFINE,
 ) -> Path:
     """Quantize every linear (nested RTN) and write the checkpoint atomically.
 
     `group_size=None` chooses it from the source (`default_group_size`: the source's quantization block, else 64).
+    `affine`: per-width affines at the centre of each code's bin ("centre") or fitted by least squares ("lsq").
     """
     widths = check_widths(widths)
     ranks = ranks or default_ranks(widths)
@@ -162,12 +168,13 @@ def build_checkpoint(
         check_group_size(w.shape[1], group_size, name)
     t0 = time.perf_counter()
     elastic = {
-        name: quantize_linear(w, b, widths, group_size, ranks)
+        name: quantize_linear(w, b, widths, group_size, ranks, affine)
         for name, (w, b) in tqdm(linears.items(), desc="quantize", unit="linear", disable=not progress)
     }
     meta = {
         "source": source.description,
-        "build": {"method": "nested-rtn", "seconds": round(time.perf_counter() - t0, 2), "notes": [choice.note]},
+        "build": {"method": "nested-rtn", "affine": affine, "seconds": round(time.perf_counter() - t0, 2),
+                  "notes": [choice.note]},
         **(extra_meta or {}),
     }
     return write_checkpoint(out, source.hf_config, dense, elastic, meta, source.tokenizer, overwrite)

@@ -35,6 +35,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     b.add_argument("--group-size", type=int, default=None,
                    help="input columns per quantization group (must divide every K; default: the source's own "
                         "quantization block when it is 32-aligned and divides every K, e.g. 32 for Q4_1 GGUF, else 64)")
+    b.add_argument("--affine", choices=["lsq", "centre"], default="lsq",
+                   help="per-width affines (without --calibrate): the least-squares fit of each group's weights on "
+                        "its b-bit codes (default), or the centre of each code's 8-bit bin range")
     b.add_argument("--ranks", help="adapter rank per width, e.g. 8:0,6:8,5:8,4:16,3:24,2:32")
     b.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     b.add_argument("--calibrate", action="store_true", help="one-shot QuEPT calibration (DESIGN §3)")
@@ -82,7 +85,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         path = calibrate_checkpoint(source, args.out, args.widths, args.group_size, ranks, cfg, overwrite=args.overwrite)
         print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
         return 0
-    path = build_checkpoint(source, args.out, args.widths, args.group_size, ranks, overwrite=args.overwrite)
+    path = build_checkpoint(source, args.out, args.widths, args.group_size, ranks, overwrite=args.overwrite,
+                            affine=args.affine)
     print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
     return 0
 

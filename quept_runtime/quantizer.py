@@ -46,9 +46,14 @@ def group_min_max(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 
 def quantize_nested(
-    w: torch.Tensor, widths: Sequence[int] = DEFAULT_WIDTHS, group_size: int = 64
+    w: torch.Tensor, widths: Sequence[int] = DEFAULT_WIDTHS, group_size: int = 64, affine: str = "centre"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nested RTN: codes uint8 [N, K], scales and mins fp32 [W, N, K // G] (centre-of-bin per width)."""
+    """Nested RTN: codes uint8 [N, K], scales and mins fp32 [W, N, K // G].
+
+    affine: "centre" (centre of the 8-bit bin range each b-bit code covers) or "lsq" (the
+    least-squares line through the group's weights against its b-bit codes, `fit_affines_lsq`)."""
+    if affine not in AFFINES:
+        raise ValueError(f"affine must be one of {list(AFFINES)}, got {affine!r}")
     widths = check_widths(widths)
     n, k = w.shape
     check_group_size(k, group_size)
@@ -57,9 +62,38 @@ def quantize_nested(
     wg = w.float().view(n, k // group_size, group_size)  # [N, K/G, G]
     codes = torch.round((wg - lo.unsqueeze(-1)) / scale8.unsqueeze(-1)).clamp_(0, 255)
     codes = codes.to(torch.uint8).view(n, k)
+    if affine == "lsq":
+        return codes, *fit_affines_lsq(w, codes, widths, group_size)
     scales = torch.stack([scale8 * 2 ** (8 - b) for b in widths])  # [W, N, K/G]
     mins = torch.stack([lo + scale8 * (2 ** (8 - b) - 1) / 2 for b in widths])
     return codes, scales, mins
+
+
+AFFINES = ("centre", "lsq")
+
+
+def fit_affines_lsq(
+    w: torch.Tensor, codes: torch.Tensor, widths: Sequence[int], group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per width and group, the least-squares affine of the nested codes: (scale_b, min_b) minimising
+    sum (w - (q_b * scale_b + min_b))^2 over the group, q_b = codes >> (8 - b). Closed form (a line fit
+    of w on q_b); never a larger squared error than the centre of the bin, which is one feasible affine.
+    A group whose codes at width b are all equal gets scale_b = 0 and min_b = its mean.
+    Returns fp32 scales, mins [W, N, K // G]."""
+    n, k = w.shape
+    wg = w.float().view(n, k // group_size, group_size)  # [N, K/G, G]
+    w_mean = wg.mean(-1, keepdim=True)
+    scales, mins = [], []
+    for b in widths:
+        q = (codes.view(n, k // group_size, group_size) >> (8 - b)).float()  # [N, K/G, G]
+        q_mean = q.mean(-1, keepdim=True)
+        dq = q - q_mean
+        var = dq.pow(2).mean(-1)
+        cov = (dq * (wg - w_mean)).mean(-1)
+        scale = torch.where(var > 0, cov / var.clamp_min(_EPS), torch.zeros_like(var))
+        scales.append(scale)
+        mins.append(w_mean.squeeze(-1) - scale * q_mean.squeeze(-1))
+    return torch.stack(scales), torch.stack(mins)
 
 
 def quantize_independent(w: torch.Tensor, bits: int, group_size: int = 64) -> torch.Tensor:

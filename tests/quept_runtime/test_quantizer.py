@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from kernels.reference import dequantize
 from quept_runtime.quantizer import check_widths, quantize_independent, quantize_nested
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
+SEED_LSQ = random.randrange(1 << 30)  # fresh weights every run
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -51,3 +54,29 @@ def test_constant_group_does_not_divide_by_zero() -> None:
     w = torch.zeros(2, 64)
     codes, scales, mins = quantize_nested(w, WIDTHS, 64)
     assert torch.isfinite(dequantize(codes, scales[3], mins[3], 4, 64)).all()
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_lsq_affines_never_lose_to_the_bin_centre_and_fit_an_aligned_grid_exactly(group_size: int) -> None:
+    g = torch.Generator().manual_seed(SEED_LSQ + group_size)
+    w = torch.randn(24, 192, generator=g) * torch.rand(24, 1, generator=g)
+    widths = (8, 6, 5, 4, 3, 2)
+    codes_c, sc_c, mn_c = quantize_nested(w, widths, group_size, "centre")
+    codes_l, sc_l, mn_l = quantize_nested(w, widths, group_size, "lsq")
+    assert torch.equal(codes_c, codes_l)  # the affine fit never moves the codes
+    for i, b in enumerate(widths):
+        err_c = (dequantize(codes_c, sc_c[i], mn_c[i], b, group_size) - w).pow(2).view(24, -1, group_size).sum(-1)
+        err_l = (dequantize(codes_l, sc_l[i], mn_l[i], b, group_size) - w).pow(2).view(24, -1, group_size).sum(-1)
+        assert (err_l <= err_c * (1 + 1e-5) + 1e-10).all(), (SEED_LSQ, b)  # per group, not only on average
+        assert err_l.sum() < err_c.sum() or b == 8, (SEED_LSQ, b)
+    # a Q4_1-like source (min + q d, q spanning 0..15 in every block): the top 4 bits are q, fitted exactly
+    q = torch.randint(0, 16, (8, 64), generator=g).float()
+    q[:, ::32], q[:, 1::32] = 0, 15
+    w = 0.1 * torch.rand(8, 1, generator=g) + q * (0.01 + 0.01 * torch.rand(8, 1, generator=g))
+    codes, sc, mn = quantize_nested(w, widths, 32, "lsq")
+    assert torch.allclose(dequantize(codes, sc[3], mn[3], 4, 32), w, atol=1e-5)
+
+
+def test_unknown_affine_is_refused() -> None:
+    with pytest.raises(ValueError, match="affine must be one of"):
+        quantize_nested(torch.randn(4, 64), (8, 4), 32, "mse")

@@ -32,6 +32,6 @@ def test_default_checkpoint_is_built_under_a_name_with_its_group_size(tmp_path: 
     (old / "elastic.json").write_text(json.dumps({"group_size": 64}))
     settings = Settings(cache_dir=cache, checkpoint=None)
     path = ensure_checkpoint(settings)
-    assert path == cache / "checkpoints" / "smollm2-135m-instruct-g32"
+    assert path == cache / "checkpoints" / "smollm2-135m-instruct-g32-lsq"
     assert builds == [("source None", path, None)]  # None: build_checkpoint chooses 32, as the name says
     assert ensure_checkpoint(settings) == path and len(builds) == 1  # built once
