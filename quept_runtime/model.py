@@ -173,10 +173,32 @@ def resolve_row_bits(row_bits: torch.Tensor | int, n_linears: int) -> list[torch
     return [int(a) if a == b else row_bits[:, j] for j, (a, b) in enumerate(zip(lo, hi))]
 
 
+class TorchLayerOps:
+    """The elementwise ops around the linears, in plain torch (the reference; any device)."""
+
+    @staticmethod
+    def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, rms_norm(h + delta)); h [T, D]."""
+        if delta is not None:
+            h = h + delta
+        return h, rms_norm(h, weight, eps)
+
+    @staticmethod
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(x, cos, sin)
+
+    @staticmethod
+    def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+
 class ElasticModel(nn.Module):
-    def __init__(self, args: ModelArgs, dense: dict[str, torch.Tensor], linears: dict[str, nn.Module]) -> None:
+    def __init__(self, args: ModelArgs, dense: dict[str, torch.Tensor], linears: dict[str, nn.Module],
+                 ops: Any = None) -> None:
         super().__init__()
         self.args = args
+        self.ops = ops or TorchLayerOps()  # a backend may bring fused ones (the native CPU kernels do)
         self.linear_names = linear_names(args.n_layers)
         self.embed = dense["model.embed_tokens.weight"]  # fp16/fp32 [V, D]; rows read per token
         self.norms = [
@@ -254,29 +276,31 @@ class ElasticModel(nn.Module):
         """tokens, positions: [T]; row_bits: int or [T, n_linears]. Returns logits [L, V] for `logits_rows` (all if None)."""
         a = self.args
         bits = resolve_row_bits(row_bits, self.n_linears)
-        h = self.embed.index_select(0, tokens).float()  # [T, D]
+        ops, eps = self.ops, a.rms_norm_eps
+        h = self.embed.index_select(0, tokens).float()  # [T, D] residual stream (a fresh tensor: ops may update it)
         freqs = positions.float().unsqueeze(1) * self.inv_freq  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, D]
         cos, sin = emb.cos(), emb.sin()
         t = tokens.shape[0]
+        mlp_out = None  # the previous layer's MLP output, added to h by the next norm
         for i in range(a.n_layers):
             q_proj, k_proj, v_proj, o_proj, gate, up, down = self.linears[7 * i : 7 * i + 7]
             b = bits[7 * i : 7 * i + 7]
             attn_norm, mlp_norm = self.norms[i]
-            x = rms_norm(h, attn_norm, a.rms_norm_eps)
-            q = apply_rope(q_proj(x, b[0]).view(t, a.n_heads, a.head_dim), cos, sin)  # [T, Hq, D]
-            k = apply_rope(k_proj(x, b[1]).view(t, a.n_kv_heads, a.head_dim), cos, sin)  # [T, Hkv, D]
+            h, x = ops.add_rms_norm(h, mlp_out, attn_norm, eps)
+            q = ops.rope(q_proj(x, b[0]).view(t, a.n_heads, a.head_dim), cos, sin)  # [T, Hq, D]
+            k = ops.rope(k_proj(x, b[1]).view(t, a.n_kv_heads, a.head_dim), cos, sin)  # [T, Hkv, D]
             v = v_proj(x, b[2]).view(t, a.n_kv_heads, a.head_dim)
-            h = h + o_proj(self._attention(i, q, k, v, cache, layout), b[3])
-            x = rms_norm(h, mlp_norm, a.rms_norm_eps)
-            h = h + down(F.silu(gate(x, b[4])) * up(x, b[5]), b[6])
+            h, x = ops.add_rms_norm(h, o_proj(self._attention(i, q, k, v, cache, layout), b[3]), mlp_norm, eps)
+            mlp_out = down(ops.silu_mul(gate(x, b[4]), up(x, b[5])), b[6])
+        h, x = ops.add_rms_norm(h, mlp_out, self.final_norm, eps)
         if logits_rows is not None:
-            h = h.index_select(0, logits_rows)
+            x = x.index_select(0, logits_rows)
             last = bits[-1]
             bits_head = last if isinstance(last, int) else last.index_select(0, logits_rows)
         else:
             bits_head = bits[-1]
-        return self.linears[-1](rms_norm(h, self.final_norm, a.rms_norm_eps), bits_head)
+        return self.linears[-1](x, bits_head)
 
 
 def build_layout(cache: PagedKVCache, seqs: Sequence[tuple[Any, int]]) -> BatchLayout:
@@ -312,7 +336,7 @@ def elastic_model_from_checkpoint(ckpt: Any, backend: ElasticBackend) -> Elastic
     if missing:
         raise SourceModelError(f"checkpoint {ckpt.path} lacks elastic linears {missing[:3]}")
     linears = {n: ElasticLinear(ckpt.elastic[n], backend, j) for j, n in enumerate(names)}
-    return ElasticModel(args, ckpt.dense, linears)
+    return ElasticModel(args, ckpt.dense, linears, backend.layer_ops())
 
 
 def dense_model(args: ModelArgs, state: dict[str, torch.Tensor]) -> ElasticModel:

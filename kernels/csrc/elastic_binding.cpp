@@ -426,6 +426,13 @@ class Layer {
 }  // namespace
 }  // namespace quept
 
+namespace quept {
+// fused_ops.cpp
+at::Tensor add_rms_norm(at::Tensor h, const std::optional<at::Tensor>& delta, const at::Tensor& weight, double eps);
+void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
+}  // namespace quept
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     namespace py = pybind11;
     using quept::Layer;
@@ -447,4 +454,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("set_w8_refine", &quept::set_w8_refine, py::arg("on"),
           "Width-8 rows take two-term (about 15-bit) activations (default on); off: one int8 term like every width");
     m.def("w8_refine", &quept::w8_refine);
+    m.def("add_rms_norm", &quept::add_rms_norm, py::arg("h"), py::arg("delta"), py::arg("weight"), py::arg("eps"),
+          "h += delta (in place, when given); returns rms_norm(h) * weight");
+    m.def("rope_", &quept::rope_, py::arg("x"), py::arg("cos"), py::arg("sin"), "rotary embedding in place (rotate-half)");
+    m.def("silu_mul", &quept::silu_mul, py::arg("gate"), py::arg("up"));
 }

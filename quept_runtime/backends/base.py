@@ -76,6 +76,11 @@ class ElasticBackend(ABC):
         """Bytes this backend keeps resident for one layer (for memory reports)."""
         return 0
 
+    def layer_ops(self) -> Any:
+        """Fused elementwise ops for the model around this backend's linears, or None for plain torch
+        (`quept_runtime.model.TorchLayerOps` names the methods)."""
+        return None
+
     def owns_copy(self, prepared: Any) -> bool:
         """True when `forward` never reads the checkpoint's tensors again (the layer was repacked)."""
         return False

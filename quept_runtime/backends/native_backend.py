@@ -29,6 +29,40 @@ from quept_runtime.backends.torch_backend import TorchBackend, TorchPrepared
 log = logging.getLogger(__name__)
 
 
+class NativeLayerOps:
+    """The model's elementwise ops as single C++ calls (kernels/csrc/fused_ops.cpp): at decode each
+    torch op is a few microseconds of dispatch around a few hundred flops, a dozen of them per layer.
+    Same formulas as `quept_runtime.model.TorchLayerOps`; fp32 rows on the CPU, else the torch ops."""
+
+    def __init__(self, ext: Any) -> None:
+        self._ext = ext
+
+    @staticmethod
+    def _fits(*ts: torch.Tensor) -> bool:
+        return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+
+    def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._fits(h, weight, *(() if delta is None else (delta,))) or not h.is_contiguous():
+            from quept_runtime.model import TorchLayerOps
+
+            return TorchLayerOps.add_rms_norm(h, delta, weight, eps)
+        return h, self._ext.add_rms_norm(h, delta, weight, eps)  # h += delta in place
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if not self._fits(x, cos, sin) or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+            from quept_runtime.model import apply_rope
+
+            return apply_rope(x, cos, sin)
+        self._ext.rope_(x, cos, sin)
+        return x
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if not self._fits(gate, up):
+            return torch.nn.functional.silu(gate) * up
+        return self._ext.silu_mul(gate, up)
+
+
 @dataclass
 class NativePrepared:
     """One layer as the native kernel reads it (`layer`), or its torch fallback (`fallback`)."""
@@ -85,6 +119,9 @@ class NativeBackend(ElasticBackend):
         if row_bits.dim() == 0:
             return layer.forward(x, int(row_bits))
         return layer.forward_rows(x, row_bits)
+
+    def layer_ops(self) -> "NativeLayerOps":
+        return NativeLayerOps(self._ext)
 
     def owns_copy(self, prepared: NativePrepared) -> bool:
         return prepared.layer is not None  # bit-planes, affines and adapters copied into the extension

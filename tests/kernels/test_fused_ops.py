@@ -1,0 +1,97 @@
+"""The native fused elementwise ops (kernels/csrc/fused_ops.cpp) against the plain-torch layer ops."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kernels.native import find_compiler
+from quept_runtime.model import TorchLayerOps
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler: the native kernels cannot be built")
+SEED = random.randrange(1 << 30)  # fresh inputs every run; in the failure message
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from quept_runtime.backends import get_backend
+
+    return get_backend("native").layer_ops()
+
+
+@pytest.mark.parametrize("t,d", [(1, 576), (7, 96), (3, 33)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm(ops, t: int, d: int, with_delta: bool) -> None:
+    g = torch.Generator().manual_seed(SEED + t * d)
+    h = torch.randn(t, d, generator=g) * 3
+    delta = torch.randn(t, d, generator=g) if with_delta else None
+    w = torch.randn(d, generator=g)
+    ref_h, ref_x = TorchLayerOps.add_rms_norm(h.clone(), delta, w, 1e-5)
+    got_h, got_x = ops.add_rms_norm(h, delta, w, 1e-5)
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-6, atol=1e-6, msg=lambda m: f"seed {SEED}: {m}")
+    torch.testing.assert_close(got_x, ref_x, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {SEED}: {m}")
+
+
+@pytest.mark.parametrize("t,heads,dh", [(1, 9, 64), (5, 3, 64), (2, 4, 8)])
+def test_rope_in_place(ops, t: int, heads: int, dh: int) -> None:
+    g = torch.Generator().manual_seed(SEED + t + heads)
+    x = torch.randn(t, heads, dh, generator=g)
+    angles = torch.rand(t, dh // 2, generator=g) * 100
+    emb = torch.cat((angles, angles), -1).unsqueeze(1)  # [T, 1, Dh]
+    cos, sin = emb.cos(), emb.sin()
+    ref = TorchLayerOps.rope(x.clone(), cos, sin)
+    got = ops.rope(x, cos, sin)
+    assert got.data_ptr() == x.data_ptr()  # in place
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"seed {SEED}: {m}")
+
+
+@pytest.mark.parametrize("shape", [(1, 1536), (6, 97)])
+def test_silu_mul(ops, shape) -> None:
+    g = torch.Generator().manual_seed(SEED + shape[1])
+    gate, up = torch.randn(shape, generator=g) * 4, torch.randn(shape, generator=g)
+    torch.testing.assert_close(ops.silu_mul(gate, up), TorchLayerOps.silu_mul(gate, up), rtol=1e-5, atol=1e-6)
+
+
+def test_other_dtypes_take_the_torch_ops(ops) -> None:
+    h = torch.randn(2, 16, dtype=torch.float64)
+    w = torch.randn(16, dtype=torch.float64)
+    got_h, got_x = ops.add_rms_norm(h, h, w, 1e-5)
+    ref_h, ref_x = TorchLayerOps.add_rms_norm(h, h, w, 1e-5)
+    assert got_x.dtype == torch.float64 and torch.equal(got_x, ref_x) and torch.equal(got_h, ref_h)
+    x = torch.randn(1, 2, 8).half()
+    cs = torch.randn(1, 1, 8).half()
+    assert torch.equal(ops.rope(x, cs, cs), TorchLayerOps.rope(x, cs, cs))
+
+
+def test_bad_shapes_are_named(ops) -> None:
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.add_rms_norm(torch.randn(2, 8), None, torch.randn(7), 1e-5)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        ops.rope(torch.randn(2, 3, 8), torch.randn(2, 1, 4), torch.randn(2, 1, 4))
+
+
+def test_model_with_fused_ops_matches_plain_ops(tiny_ckpt) -> None:
+    from quept_runtime.generate import generate
+    from quept_runtime.kv_cache import SequenceBlocks
+    from quept_runtime.loader import load_model
+    from quept_runtime.model import build_layout
+    from quept_runtime.precision import PrecisionPlan
+
+    lm = load_model(tiny_ckpt, backend="native")
+    assert type(lm.model.ops).__name__ == "NativeLayerOps"
+    ids = torch.tensor(lm.encode_chat("hello world, fused"))
+    fused, logits = lm.model.ops, []
+    for ops in (fused, TorchLayerOps()):
+        lm.model.ops = ops
+        cache = lm.model.new_kv_cache(1 << 20)
+        seq = SequenceBlocks()
+        n = len(ids) - 2
+        out = [lm.model(ids[:n], torch.arange(n), cache, build_layout(cache, [(seq, n)]), 4)]
+        for j in range(n, len(ids)):  # decode rows too
+            out.append(lm.model(ids[j : j + 1], torch.tensor([j]), cache, build_layout(cache, [(seq, 1)]), 4))
+        logits.append(torch.cat(out))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    lm.model.ops = fused
+    assert len(generate(lm.model, ids.tolist(), PrecisionPlan.uniform(8), 3).tokens) == 3
