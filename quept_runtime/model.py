@@ -192,6 +192,19 @@ class TorchLayerOps:
     def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) * up
 
+    @staticmethod
+    def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor
+                         ) -> torch.Tensor:
+        """One decoding query q [Hq, D] over the cache rows `slots` of k_flat/v_flat [slots, Hkv, D] -> [Hq, D].
+        The G query heads of a KV head act as G positions, no mask (about 3x faster than sdpa's
+        enable_gqa K/V expansion at these sizes, measured 20 vs 60 us per call)."""
+        hq, d = q.shape
+        hkv = k_flat.shape[1]
+        ks = k_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        vs = v_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(q.view(1, hkv, hq // hkv, d), ks, vs)  # [1, Hkv, G, D]
+        return o.view(hq, d)
+
 
 class ElasticModel(nn.Module):
     def __init__(self, args: ModelArgs, dense: dict[str, torch.Tensor], linears: dict[str, nn.Module],
@@ -248,14 +261,11 @@ class ElasticModel(nn.Module):
             out.index_copy_(0, g.rows, od.reshape(n, a.n_heads, a.head_dim))  # [B, Hq, D]
             seqs = [s for s in seqs if s.length != 1]
         for s in seqs:
+            if s.length == 1:  # a lone decoding row
+                out[s.start] = self.ops.decode_attention(q[s.start], k_flat, v_flat, s.ctx_slots)
+                continue
             ks = k_flat.index_select(0, s.ctx_slots).transpose(0, 1)  # [Hkv, Lk, D]
             vs = v_flat.index_select(0, s.ctx_slots).transpose(0, 1)
-            if s.length == 1:  # decode: the G query heads of a KV head as G positions, no mask (about 3x
-                # faster than enable_gqa's K/V expansion at these sizes, measured 20 vs 60 us per call)
-                qs = q[s.start].view(a.n_kv_heads, group, a.head_dim)  # [Hkv, G, D]
-                o = F.scaled_dot_product_attention(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0))  # [1, Hkv, G, D]
-                out[s.start] = o.view(a.n_heads, a.head_dim)
-                continue
             qs = q[s.start : s.start + s.length].transpose(0, 1)  # [Hq, Lq, D]
             q_pos = torch.arange(s.length).unsqueeze(1) + s.context_before  # [Lq, 1]
             mask = torch.arange(s.ctx_slots.numel()).unsqueeze(0) <= q_pos  # [Lq, Lk] causal

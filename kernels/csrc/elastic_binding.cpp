@@ -431,6 +431,8 @@ namespace quept {
 at::Tensor add_rms_norm(at::Tensor h, const std::optional<at::Tensor>& delta, const at::Tensor& weight, double eps);
 void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_flat, const at::Tensor& v_flat,
+                            const at::Tensor& slots, double scale);
 }  // namespace quept
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -458,4 +460,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "h += delta (in place, when given); returns rms_norm(h) * weight");
     m.def("rope_", &quept::rope_, py::arg("x"), py::arg("cos"), py::arg("sin"), "rotary embedding in place (rotate-half)");
     m.def("silu_mul", &quept::silu_mul, py::arg("gate"), py::arg("up"));
+    m.def("decode_attention", &quept::decode_attention, py::arg("q"), py::arg("k_flat"), py::arg("v_flat"),
+          py::arg("slots"), py::arg("scale"), "one decoding query over its cached keys, read through the slot list");
 }

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace quept {
 
@@ -83,6 +84,59 @@ at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
     float* op = out.data_ptr<float>();
     const int64_t n = gc.numel();
     for (int64_t i = 0; i < n; ++i) op[i] = gp[i] / (1.f + std::exp(-gp[i])) * up[i];
+    return out;
+}
+
+}  // namespace quept
+
+namespace quept {
+
+// Attention of one decoding query over its cached keys, read in place through the slot list (no
+// gathered copy): q [Hq, Dh]; k_flat, v_flat [slots, Hkv, Dh]; slots int64 [L]. Query head h reads
+// KV head h / (Hq / Hkv) (grouped-query attention, as Hugging Face's repeat_kv). Returns [Hq, Dh].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_flat, const at::Tensor& v_flat,
+                            const at::Tensor& slots, double scale) {
+    TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous fp32 [Hq, Dh]");
+    TORCH_CHECK(k_flat.dim() == 3 && k_flat.sizes() == v_flat.sizes() && k_flat.scalar_type() == at::kFloat &&
+                    v_flat.scalar_type() == at::kFloat && k_flat.is_contiguous() && v_flat.is_contiguous(),
+                "k_flat and v_flat must be contiguous fp32 [slots, Hkv, Dh] of one shape");
+    TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() > 0,
+                "slots must be a non-empty contiguous int64 [L]");
+    const int64_t Hq = q.size(0), Dh = q.size(1), Hkv = k_flat.size(1), L = slots.numel(), S = k_flat.size(0);
+    TORCH_CHECK(k_flat.size(2) == Dh && Hkv > 0 && Hq % Hkv == 0, "head sizes do not match: q ", q.sizes(), ", k ",
+                k_flat.sizes());
+    const int64_t G = Hq / Hkv;
+    const int64_t* sl = slots.data_ptr<int64_t>();
+    for (int64_t l = 0; l < L; ++l) TORCH_CHECK(sl[l] >= 0 && sl[l] < S, "slot ", sl[l], " outside the cache (", S, ")");
+    auto out = at::zeros({Hq, Dh}, q.options());
+    std::vector<float> p((size_t)L);
+    const float* qp = q.data_ptr<float>();
+    const float* kp = k_flat.data_ptr<float>();
+    const float* vp = v_flat.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    for (int64_t h = 0; h < Hq; ++h) {
+        const int64_t j = h / G;
+        const float* qh = qp + h * Dh;
+        float mx = -INFINITY;
+        for (int64_t l = 0; l < L; ++l) {
+            const float* kr = kp + (sl[l] * Hkv + j) * Dh;
+            float s = 0.f;
+            for (int64_t d = 0; d < Dh; ++d) s += qh[d] * kr[d];
+            p[l] = s * (float)scale;
+            mx = p[l] > mx ? p[l] : mx;
+        }
+        float sum = 0.f;
+        for (int64_t l = 0; l < L; ++l) {
+            p[l] = std::exp(p[l] - mx);
+            sum += p[l];
+        }
+        float* oh = op + h * Dh;
+        for (int64_t l = 0; l < L; ++l) {
+            const float w = p[l] / sum;
+            const float* vr = vp + (sl[l] * Hkv + j) * Dh;
+            for (int64_t d = 0; d < Dh; ++d) oh[d] += w * vr[d];
+        }
+    }
     return out;
 }
 

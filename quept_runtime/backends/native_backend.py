@@ -62,6 +62,14 @@ class NativeLayerOps:
             return torch.nn.functional.silu(gate) * up
         return self._ext.silu_mul(gate, up)
 
+    def decode_attention(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor
+                         ) -> torch.Tensor:
+        if not (self._fits(q, k_flat, v_flat) and q.is_contiguous() and k_flat.is_contiguous()):
+            from quept_runtime.model import TorchLayerOps
+
+            return TorchLayerOps.decode_attention(q, k_flat, v_flat, slots)
+        return self._ext.decode_attention(q, k_flat, v_flat, slots, q.shape[-1] ** -0.5)
+
 
 @dataclass
 class NativePrepared:

@@ -54,6 +54,24 @@ def test_silu_mul(ops, shape) -> None:
     torch.testing.assert_close(ops.silu_mul(gate, up), TorchLayerOps.silu_mul(gate, up), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hq,hkv,d,length", [(9, 3, 64, 1), (9, 3, 64, 200), (4, 4, 16, 17), (8, 2, 8, 33)])
+def test_decode_attention_reads_the_slots_in_place(ops, hq: int, hkv: int, d: int, length: int) -> None:
+    g = torch.Generator().manual_seed(SEED + hq * length)
+    k_flat = torch.randn(256, hkv, d, generator=g)
+    v_flat = torch.randn(256, hkv, d, generator=g)
+    slots = torch.randperm(256, generator=g)[:length]  # scattered, as paged blocks are
+    q = torch.randn(hq, d, generator=g) * 2
+    ref = TorchLayerOps.decode_attention(q, k_flat, v_flat, slots)
+    torch.testing.assert_close(ops.decode_attention(q, k_flat, v_flat, slots), ref, rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"seed {SEED}: {m}")
+
+
+def test_decode_attention_refuses_a_slot_outside_the_cache(ops) -> None:
+    k = torch.randn(8, 2, 4)
+    with pytest.raises(RuntimeError, match="slot 8 outside the cache"):
+        ops.decode_attention(torch.randn(4, 4), k, k, torch.tensor([0, 8]))
+
+
 def test_other_dtypes_take_the_torch_ops(ops) -> None:
     h = torch.randn(2, 16, dtype=torch.float64)
     w = torch.randn(16, dtype=torch.float64)
