@@ -91,6 +91,25 @@ def default_checkpoint_dir(cache_dir: str | Path) -> Path:
     return Path(cache_dir) / "checkpoints" / default_checkpoint_name(choice.group_size)
 
 
+def ensure_default_checkpoint(cache_dir: str | Path) -> Path:
+    """The default model's checkpoint in `cache_dir`, built on first use (a file lock makes concurrent
+    first uses, e.g. two servers, build it once)."""
+    import fcntl
+
+    from quept_runtime.source import load_source
+
+    path = default_checkpoint_dir(cache_dir)
+    if (path / "elastic.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same checkpoint: wait for it
+        if not (path / "elastic.json").is_file():
+            log.info("building the default model into %s (first use only)", path)
+            build_checkpoint(load_source(None), path, progress=True)
+    return path
+
+
 def parse_ranks(text: str, widths: Sequence[int]) -> dict[int, int]:
     """'8:0,6:8,...' -> {8: 0, 6: 8, ...}; every stored width needs a rank."""
     ranks: dict[int, int] = {}

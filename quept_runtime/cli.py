@@ -48,7 +48,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
 
     g = sub.add_parser("generate", help="generate a completion for one prompt")
     g.add_argument("prompt", help="user prompt (the chat template is applied when the model has one)")
-    g.add_argument("--checkpoint", required=True, type=Path)
+    g.add_argument("--checkpoint", type=Path,
+                   help="checkpoint directory (default: the default model, built into $QUEPT_CACHE_DIR or "
+                        "~/.cache/quept on first use, as `quept serve` does)")
     g.add_argument("--precision", default="w8", help="w8..w2 or mixed:X")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -96,10 +98,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quept_runtime.loader import load_model
     from quept_runtime.sampler import SamplingParams
 
-    lm = load_model(args.checkpoint, backend=args.backend)
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        from quept_runtime.builder import ensure_default_checkpoint
+        from quept_runtime.loader import default_cache_dir
+
+        checkpoint = ensure_default_checkpoint(default_cache_dir())
+    lm = load_model(checkpoint, backend=args.backend)
     plan = lm.plan_for(args.precision)
     if lm.tokenizer is None:
-        raise QueptError(f"{args.checkpoint} has no tokenizer files")
+        raise QueptError(f"{checkpoint} has no tokenizer files")
     ids = list(lm.tokenizer(args.prompt)["input_ids"]) if args.raw else lm.encode_chat(args.prompt)
     params = SamplingParams(temperature=args.temperature, seed=args.seed)
     stop = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import fcntl
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -38,21 +37,9 @@ def ensure_checkpoint(settings: Settings) -> Path:
     """The checkpoint to serve; with none configured, build the default model into the cache once."""
     if settings.checkpoint is not None:
         return Path(settings.checkpoint)
-    from quept_runtime.builder import default_checkpoint_dir
+    from quept_runtime.builder import ensure_default_checkpoint
 
-    path = default_checkpoint_dir(settings.cache_dir)  # its name carries the group size the build will choose
-    if (path / "elastic.json").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another server building the same checkpoint: wait for it
-        if not (path / "elastic.json").is_file():
-            from quept_runtime.builder import build_checkpoint
-            from quept_runtime.source import load_source
-
-            log.info("no checkpoint given: building the default model into %s (first use only)", path)
-            build_checkpoint(load_source(None), path, progress=True)
-    return path
+    return ensure_default_checkpoint(settings.cache_dir)  # its name carries the build recipe
 
 
 def load_for_serving(settings: Settings) -> Any:

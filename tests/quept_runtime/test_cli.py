@@ -112,3 +112,21 @@ def test_build_affine_defaults_to_least_squares(tmp_path: Path, capsys, monkeypa
 def test_build_missing_source(tmp_path: Path, capsys) -> None:
     code, _, err = run(capsys, "build", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert code == 2 and "does not exist" in err
+
+
+def test_generate_without_checkpoint_builds_the_default_model_once(tmp_path: Path, capsys, monkeypatch) -> None:
+    from quept_runtime import builder as builder_mod
+    from quept_runtime import source as source_mod
+    from tests.tiny import tiny_source
+
+    src = tiny_source()
+    monkeypatch.setenv("QUEPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(source_mod, "load_source", lambda path: src)
+    monkeypatch.setattr(builder_mod, "default_checkpoint_dir", lambda cache: Path(cache) / "checkpoints" / "default")
+    builds = []
+    real_build = builder_mod.build_checkpoint
+    monkeypatch.setattr(builder_mod, "build_checkpoint", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    for _ in range(2):
+        code, out, err = run(capsys, "generate", "--backend", "torch", "--max-tokens", "3", "hello")
+        assert code == 0 and "[w8: 3 tokens" in err, err
+    assert builds == [1] and (tmp_path / "cache" / "checkpoints" / "default" / "elastic.json").is_file()
