@@ -362,10 +362,10 @@ def main() -> int:
     peak = max(levels)
     t_start = time.perf_counter()
     if args.checkpoint is None:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from cpu_decode import ensure_checkpoint  # the default model's path, built once
+        from quept_runtime.builder import ensure_default_checkpoint
+        from quept_runtime.loader import default_cache_dir
 
-        args.checkpoint = ensure_checkpoint(None)
+        args.checkpoint = ensure_default_checkpoint(default_cache_dir())  # built once, as quept serve does
     names = [c.strip() for c in args.configs.split(",")]
     slo, slo_source = args.slo_itl_ms, "given"
     from_runs = slo <= 0 and {"fixed w8", "fixed w4"} <= set(names)

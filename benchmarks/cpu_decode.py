@@ -253,18 +253,13 @@ def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 def ensure_checkpoint(path: Path | None) -> Path:
-    """The default model's elastic checkpoint: the one given, else built once into the cache."""
+    """The default model's elastic checkpoint: the one given, else built once into the cache (as quept serve)."""
     if path is not None:
         return path
-    from quept_runtime.builder import build_checkpoint, default_checkpoint_dir
-    from quept_runtime.source import load_source
+    from quept_runtime.builder import ensure_default_checkpoint
+    from quept_runtime.loader import default_cache_dir
 
-    root = Path(os.environ.get("QUEPT_CACHE_DIR", Path.home() / ".cache" / "quept"))
-    path = default_checkpoint_dir(root)
-    if not (path / "elastic.json").exists():
-        print(f"building the default checkpoint into {path} ...", flush=True)
-        build_checkpoint(load_source(None), path, overwrite=True)
-    return path
+    return ensure_default_checkpoint(default_cache_dir())
 
 
 def prompt_ids(checkpoint: Path) -> list[int]:

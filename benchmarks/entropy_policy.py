@@ -103,10 +103,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     if args.checkpoint is None:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from cpu_decode import ensure_checkpoint  # the default model's path, built once
+        from quept_runtime.builder import ensure_default_checkpoint
+        from quept_runtime.loader import default_cache_dir
 
-        args.checkpoint = ensure_checkpoint(None)
+        args.checkpoint = ensure_default_checkpoint(default_cache_dir())  # built once, as quept serve does
     from quept_runtime.evaluate import default_eval_file, perplexity, token_windows
     from quept_runtime.loader import load_model
     from quept_runtime.policies.entropy_policy import calibrate_threshold, default_calib_file, save_calibration

@@ -39,9 +39,6 @@ def check_context(model: ElasticModel, prompt_len: int, max_tokens: int) -> None
         raise ContextLengthError(f"prompt of {prompt_len} tokens plus max_tokens {max_tokens} exceeds the context of {limit} tokens")
 
 
-KV_BLOCK = 16  # tokens per KV-cache block
-
-
 def generate(
     model: ElasticModel,
     prompt_ids: Sequence[int],
@@ -59,8 +56,9 @@ def generate(
     check_context(model, len(prompt_ids), max_tokens)
     plan_at: PlanFn = plan if callable(plan) else (lambda step: plan)  # type: ignore[assignment,return-value]
     if kv_budget_bytes is None:
-        kv_budget_bytes = (len(prompt_ids) + max_tokens + KV_BLOCK) * model.kv_bytes_per_token()
-    cache = model.new_kv_cache(kv_budget_bytes, KV_BLOCK)
+        cache = model.new_kv_cache_for(len(prompt_ids) + max_tokens)
+    else:
+        cache = model.new_kv_cache(kv_budget_bytes)
     blocks = SequenceBlocks()
     gen = params.generator()
     tokens = torch.tensor(list(prompt_ids), dtype=torch.int64)

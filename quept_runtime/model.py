@@ -227,14 +227,14 @@ class ElasticModel(nn.Module):
     def n_linears(self) -> int:
         return len(self.linear_names)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
-        """K and V of one token over every layer."""
-        a = self.args
-        return 2 * a.n_layers * a.n_kv_heads * a.head_dim * torch.empty(0, dtype=dtype).element_size()
-
     def new_kv_cache(self, budget_bytes: int, block_size: int = 16) -> PagedKVCache:
         a = self.args
         return PagedKVCache.with_budget(a.n_layers, a.n_kv_heads, a.head_dim, budget_bytes, block_size)
+
+    def new_kv_cache_for(self, tokens: int, block_size: int = 16) -> PagedKVCache:
+        """A cache of just the blocks `tokens` tokens of one sequence need."""
+        a = self.args
+        return PagedKVCache(a.n_layers, a.n_kv_heads, a.head_dim, -(-tokens // block_size), block_size)
 
     def _attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, layout: BatchLayout
@@ -246,12 +246,12 @@ class ElasticModel(nn.Module):
         k_flat.index_copy_(0, layout.write_slots, k)
         v_flat.index_copy_(0, layout.write_slots, v)
         out = q.new_empty(q.shape[0], a.n_heads, a.head_dim)
-        group = a.n_heads // a.n_kv_heads
         seqs = layout.seqs
         g = layout.decode
         if g is not None:  # all decode rows in one call instead of one call per sequence
             n = g.rows.numel()
             # the G = Hq / Hkv query heads of a KV head act as G query positions: no K/V expansion for GQA
+            group = a.n_heads // a.n_kv_heads
             qd = q.index_select(0, g.rows).view(n, a.n_kv_heads, group, a.head_dim)  # [B, Hkv, G, D]
             # whole blocks are gathered (contiguous copies), then viewed as [B, Hkv, Lmax, D]
             kd = cache.k_cache[layer].index_select(0, g.blocks).view(n, g.max_len, a.n_kv_heads, a.head_dim)

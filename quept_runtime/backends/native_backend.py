@@ -32,42 +32,26 @@ log = logging.getLogger(__name__)
 class NativeLayerOps:
     """The model's elementwise ops as single C++ calls (kernels/csrc/fused_ops.cpp): at decode each
     torch op is a few microseconds of dispatch around a few hundred flops, a dozen of them per layer.
-    Same formulas as `quept_runtime.model.TorchLayerOps`; fp32 rows on the CPU, else the torch ops."""
+    Same formulas and signatures as `quept_runtime.model.TorchLayerOps`. The model hands them fp32,
+    contiguous CPU tensors (it runs this backend's linears); the C++ side checks that and names the
+    problem otherwise, so no per-call Python checks stand on the per-token path."""
 
     def __init__(self, ext: Any) -> None:
         self._ext = ext
 
-    @staticmethod
-    def _fits(*ts: torch.Tensor) -> bool:
-        return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
-
     def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._fits(h, weight, *(() if delta is None else (delta,))) or not h.is_contiguous():
-            from quept_runtime.model import TorchLayerOps
-
-            return TorchLayerOps.add_rms_norm(h, delta, weight, eps)
         return h, self._ext.add_rms_norm(h, delta, weight, eps)  # h += delta in place
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if not self._fits(x, cos, sin) or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
-            from quept_runtime.model import apply_rope
-
-            return apply_rope(x, cos, sin)
-        self._ext.rope_(x, cos, sin)
+        self._ext.rope_(x, cos, sin)  # in place
         return x
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if not self._fits(gate, up):
-            return torch.nn.functional.silu(gate) * up
         return self._ext.silu_mul(gate, up)
 
     def decode_attention(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor
                          ) -> torch.Tensor:
-        if not (self._fits(q, k_flat, v_flat) and q.is_contiguous() and k_flat.is_contiguous()):
-            from quept_runtime.model import TorchLayerOps
-
-            return TorchLayerOps.decode_attention(q, k_flat, v_flat, slots)
         return self._ext.decode_attention(q, k_flat, v_flat, slots, q.shape[-1] ** -0.5)
 
 

@@ -20,6 +20,7 @@ from quept_runtime.backends.base import ElasticBackend, ElasticWeights
 
 
 HALF_ROWS_MAX = 4
+NAMES = {torch.float16: "torch", torch.float32: "torch-fp32", torch.bfloat16: "torch-bf16"}  # compute dtype -> name
 
 
 @dataclass
@@ -34,9 +35,9 @@ class TorchBackend(ElasticBackend):
     def __init__(self, max_cached_widths: int = 2, dtype: torch.dtype = torch.float32) -> None:
         if max_cached_widths < 1:
             raise ValueError(f"max_cached_widths must be >= 1, got {max_cached_widths}")
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if dtype not in NAMES:
             raise ValueError(f"torch backend dtype must be float32, float16 or bfloat16, got {dtype}")
-        self.name = {torch.float16: "torch", torch.float32: "torch-fp32", torch.bfloat16: "torch-bf16"}[dtype]
+        self.name = NAMES[dtype]
         self.max_cached_widths = max_cached_widths
         self.dtype = dtype
 

@@ -72,15 +72,16 @@ def test_decode_attention_refuses_a_slot_outside_the_cache(ops) -> None:
         ops.decode_attention(torch.randn(4, 4), k, k, torch.tensor([0, 8]))
 
 
-def test_other_dtypes_take_the_torch_ops(ops) -> None:
+def test_other_dtypes_are_refused_by_name(ops) -> None:
     h = torch.randn(2, 16, dtype=torch.float64)
-    w = torch.randn(16, dtype=torch.float64)
-    got_h, got_x = ops.add_rms_norm(h, h, w, 1e-5)
-    ref_h, ref_x = TorchLayerOps.add_rms_norm(h, h, w, 1e-5)
-    assert got_x.dtype == torch.float64 and torch.equal(got_x, ref_x) and torch.equal(got_h, ref_h)
-    x = torch.randn(1, 2, 8).half()
-    cs = torch.randn(1, 1, 8).half()
-    assert torch.equal(ops.rope(x, cs, cs), TorchLayerOps.rope(x, cs, cs))
+    with pytest.raises(RuntimeError, match="h must be contiguous fp32"):
+        ops.add_rms_norm(h, None, torch.randn(16), 1e-5)
+    with pytest.raises(RuntimeError, match="x must be contiguous fp32"):
+        ops.rope(torch.randn(1, 2, 8).half(), torch.randn(1, 1, 8), torch.randn(1, 1, 8))
+    with pytest.raises(RuntimeError, match="x must be contiguous fp32"):
+        ops.rope(torch.randn(1, 8, 2).transpose(1, 2), torch.randn(1, 1, 8), torch.randn(1, 1, 8))
+    with pytest.raises(RuntimeError, match="gate and up must be fp32"):
+        ops.silu_mul(torch.randn(2, 4).bfloat16(), torch.randn(2, 4))
 
 
 def test_bad_shapes_are_named(ops) -> None:
