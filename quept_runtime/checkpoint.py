@@ -17,9 +17,10 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -76,6 +77,22 @@ def elastic_tensors(name: str, w: ElasticWeights) -> dict[str, torch.Tensor]:
     }
 
 
+@contextmanager
+def staged_dir(out: Path, tag: str = "tmp") -> Iterator[Path]:
+    """A fresh directory beside `out` to write into: when the block ends normally it replaces `out` in
+    one rename; when it raises (Ctrl-C included) it is removed, and `out` is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    try:
+        yield stage
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
 def write_checkpoint(
     out: Path,
     hf_config: dict[str, Any],
@@ -94,9 +111,7 @@ def write_checkpoint(
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; pass --overwrite or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         dense_store = {k: v.to(STORE_DTYPE).contiguous() for k, v in dense.items()}
         elastic_store: dict[str, torch.Tensor] = {}
         for name, w in elastic.items():
@@ -127,12 +142,6 @@ def write_checkpoint(
         tmp.chmod(0o755)  # mkdtemp makes 0700; a checkpoint is read by other users (containers)
         for f in tmp.iterdir():
             f.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from tqdm import tqdm
 
 from quept_runtime.backends.base import ElasticWeights
 from quept_runtime.builder import default_ranks, resolve_group_size, split_state
-from quept_runtime.checkpoint import update_meta, write_checkpoint
+from quept_runtime.checkpoint import staged_dir, update_meta, write_checkpoint
 from quept_runtime.errors import CheckpointError
 from quept_runtime.model import LINEAR_NAMES, ModelArgs, linear_names, rms_norm
 from quept_runtime.quantizer import check_group_size, check_widths
@@ -202,8 +200,7 @@ def calibrate_checkpoint(
             "build": {"method": "quept-calibrated", "seconds": round(time.perf_counter() - t_start, 2),
                       "notes": [choice.note]},
             "sensitivity": sensitivity}
-    stage = out.parent / f".{out.name}.calib-{os.getpid()}"
-    try:
+    with staged_dir(out, "calib") as stage:
         write_checkpoint(stage, source.hf_config, dense, elastic, meta, source.tokenizer, overwrite=True)
         t_ppl = time.perf_counter()
         per_width, per_profile, fp_ppl = measure_heldout(stage, data, widths, profiles, source, cfg.progress)
@@ -227,11 +224,5 @@ def calibrate_checkpoint(
             "config": cfg.record(),
         }
         update_meta(stage, profiles=profiles, calibration=record)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     log.info("calibrated checkpoint %s in %.0f s", out, time.perf_counter() - t_start)
     return out
