@@ -9,8 +9,10 @@ reference in tests.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import torch
@@ -148,9 +150,27 @@ class SeqSlice:
 
 @dataclass
 class DecodeGroup:
-    """The single-row (decode) sequences of a batch, attended in one padded attention call."""
+    """The single-row (decode) sequences of a batch, attended together in one call."""
 
     rows: torch.Tensor  # [B] row of each decoding sequence in the flat batch
+    slots: torch.Tensor  # [sum L] the cache slots of every sequence's context, concatenated
+    offsets: torch.Tensor  # [B + 1] sequence b's slots are slots[offsets[b] : offsets[b + 1]]
+    tables: list[list[int]]  # each sequence's KV block ids
+    block_size: int
+
+    @cached_property
+    def padded(self) -> "PaddedBlocks":
+        """The block tables padded to one length, for one masked sdpa call over gathered blocks."""
+        n_blocks = max(len(t) for t in self.tables)
+        blocks = torch.tensor([t + [0] * (n_blocks - len(t)) for t in self.tables], dtype=torch.int64)  # [B, NB]
+        lens = self.offsets.diff()  # [B]
+        max_len = n_blocks * self.block_size
+        mask = (torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)).view(len(self.tables), 1, 1, max_len)
+        return PaddedBlocks(blocks.view(-1), mask, max_len)
+
+
+@dataclass
+class PaddedBlocks:
     blocks: torch.Tensor  # [B * NB] KV block ids of each sequence, padded to NB blocks with block 0
     mask: torch.Tensor  # [B, 1, 1, Lmax] bool, True where the key is real (Lmax = NB * block_size)
     max_len: int  # Lmax
@@ -162,7 +182,7 @@ class BatchLayout:
 
     write_slots: torch.Tensor  # [T] flat cache slot of each row
     seqs: list[SeqSlice]
-    decode: DecodeGroup | None = None  # set when >= 2 sequences decode one row (batched attention)
+    decode: DecodeGroup | None = None  # the sequences that decode one row, if any
 
 
 def resolve_row_bits(row_bits: torch.Tensor | int, n_linears: int) -> list[torch.Tensor | int]:
@@ -192,18 +212,27 @@ class TorchLayerOps:
     def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) * up
 
+    # decode_attention reads the cache in place: the model hands it every decoding row at once.
+    # Here (False) only a lone decoding row; two or more go to one masked sdpa over gathered blocks.
+    batched_decode_attention = False
+    kv_dtype = torch.float32  # what the KV cache stores (the ops read it; the model writes it)
+
     @staticmethod
-    def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor
-                         ) -> torch.Tensor:
-        """One decoding query q [Hq, D] over the cache rows `slots` of k_flat/v_flat [slots, Hkv, D] -> [Hq, D].
-        The G query heads of a KV head act as G positions, no mask (about 3x faster than sdpa's
-        enable_gqa K/V expansion at these sizes, measured 20 vs 60 us per call)."""
-        hq, d = q.shape
+    def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
+                         offsets: torch.Tensor) -> torch.Tensor:
+        """Decoding queries q [B, Hq, D], sequence b over the cache rows slots[offsets[b]:offsets[b+1]] of
+        k_flat/v_flat [slots, Hkv, D] -> [B, Hq, D]. The G query heads of a KV head act as G positions,
+        no mask (about 3x faster than sdpa's enable_gqa K/V expansion at these sizes, measured 20 vs 60
+        us per call)."""
+        b, hq, d = q.shape
         hkv = k_flat.shape[1]
-        ks = k_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-        vs = v_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(q.view(1, hkv, hq // hkv, d), ks, vs)  # [1, Hkv, G, D]
-        return o.view(hq, d)
+        out = q.new_empty(b, hq, d)
+        for i, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+            ks = k_flat.index_select(0, slots[lo:hi]).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hkv, L, D]
+            vs = v_flat.index_select(0, slots[lo:hi]).transpose(0, 1).unsqueeze(0).to(q.dtype)
+            o = F.scaled_dot_product_attention(q[i].view(1, hkv, hq // hkv, d), ks, vs)  # [1, Hkv, G, D]
+            out[i] = o.view(hq, d)
+        return out
 
 
 class ElasticModel(nn.Module):
@@ -229,12 +258,14 @@ class ElasticModel(nn.Module):
 
     def new_kv_cache(self, budget_bytes: int, block_size: int = 16) -> PagedKVCache:
         a = self.args
-        return PagedKVCache.with_budget(a.n_layers, a.n_kv_heads, a.head_dim, budget_bytes, block_size)
+        return PagedKVCache.with_budget(a.n_layers, a.n_kv_heads, a.head_dim, budget_bytes, block_size,
+                                        self.ops.kv_dtype)
 
     def new_kv_cache_for(self, tokens: int, block_size: int = 16) -> PagedKVCache:
         """A cache of just the blocks `tokens` tokens of one sequence need."""
         a = self.args
-        return PagedKVCache(a.n_layers, a.n_kv_heads, a.head_dim, -(-tokens // block_size), block_size)
+        return PagedKVCache(a.n_layers, a.n_kv_heads, a.head_dim, -(-tokens // block_size), block_size,
+                            self.ops.kv_dtype)
 
     def _attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, layout: BatchLayout
@@ -243,29 +274,35 @@ class ElasticModel(nn.Module):
         a = self.args
         k_flat = cache.k_cache[layer].view(-1, a.n_kv_heads, a.head_dim)  # [slots, Hkv, D]
         v_flat = cache.v_cache[layer].view(-1, a.n_kv_heads, a.head_dim)
-        k_flat.index_copy_(0, layout.write_slots, k)
-        v_flat.index_copy_(0, layout.write_slots, v)
+        k_flat.index_copy_(0, layout.write_slots, k.to(k_flat.dtype))
+        v_flat.index_copy_(0, layout.write_slots, v.to(v_flat.dtype))
         out = q.new_empty(q.shape[0], a.n_heads, a.head_dim)
         seqs = layout.seqs
         g = layout.decode
         if g is not None:  # all decode rows in one call instead of one call per sequence
             n = g.rows.numel()
-            # the G = Hq / Hkv query heads of a KV head act as G query positions: no K/V expansion for GQA
-            group = a.n_heads // a.n_kv_heads
-            qd = q.index_select(0, g.rows).view(n, a.n_kv_heads, group, a.head_dim)  # [B, Hkv, G, D]
-            # whole blocks are gathered (contiguous copies), then viewed as [B, Hkv, Lmax, D]
-            kd = cache.k_cache[layer].index_select(0, g.blocks).view(n, g.max_len, a.n_kv_heads, a.head_dim)
-            vd = cache.v_cache[layer].index_select(0, g.blocks).view(n, g.max_len, a.n_kv_heads, a.head_dim)
-            kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask)  # [B, Hkv, G, D]
-            out.index_copy_(0, g.rows, od.reshape(n, a.n_heads, a.head_dim))  # [B, Hq, D]
+            every_row = n == q.shape[0]  # a pure decode step: the rows are 0..T-1 in order
+            qd = q if every_row else q.index_select(0, g.rows)  # [B, Hq, D]
+            if n == 1 or self.ops.batched_decode_attention:
+                od = self.ops.decode_attention(qd, k_flat, v_flat, g.slots, g.offsets)  # [B, Hq, D]
+            else:
+                # the G = Hq / Hkv query heads of a KV head act as G query positions: no K/V expansion for GQA
+                p = g.padded
+                group = a.n_heads // a.n_kv_heads
+                qd = qd.view(n, a.n_kv_heads, group, a.head_dim)  # [B, Hkv, G, D]
+                # whole blocks are gathered (contiguous copies), then viewed as [B, Hkv, Lmax, D]
+                kd = cache.k_cache[layer].index_select(0, p.blocks).view(n, p.max_len, a.n_kv_heads, a.head_dim)
+                vd = cache.v_cache[layer].index_select(0, p.blocks).view(n, p.max_len, a.n_kv_heads, a.head_dim)
+                kd, vd = kd.transpose(1, 2).to(q.dtype), vd.transpose(1, 2).to(q.dtype)
+                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=p.mask)  # [B, Hkv, G, D]
+            od = od.reshape(n, a.n_heads, a.head_dim)  # [B, Hq, D]
+            if every_row:
+                return od.view(n, a.n_heads * a.head_dim)
+            out.index_copy_(0, g.rows, od)
             seqs = [s for s in seqs if s.length != 1]
         for s in seqs:
-            if s.length == 1:  # a lone decoding row
-                out[s.start] = self.ops.decode_attention(q[s.start], k_flat, v_flat, s.ctx_slots)
-                continue
-            ks = k_flat.index_select(0, s.ctx_slots).transpose(0, 1)  # [Hkv, Lk, D]
-            vs = v_flat.index_select(0, s.ctx_slots).transpose(0, 1)
+            ks = k_flat.index_select(0, s.ctx_slots).transpose(0, 1).to(q.dtype)  # [Hkv, Lk, D]
+            vs = v_flat.index_select(0, s.ctx_slots).transpose(0, 1).to(q.dtype)
             qs = q[s.start : s.start + s.length].transpose(0, 1)  # [Hq, Lq, D]
             q_pos = torch.arange(s.length).unsqueeze(1) + s.context_before  # [Lq, 1]
             mask = torch.arange(s.ctx_slots.numel()).unsqueeze(0) <= q_pos  # [Lq, Lk] causal
@@ -326,16 +363,14 @@ def build_layout(cache: PagedKVCache, seqs: Sequence[tuple[Any, int]]) -> BatchL
 
 
 def decode_group(slices: Sequence[SeqSlice], tables: Sequence[list[int]], block_size: int) -> DecodeGroup | None:
-    """Padded block tables of the single-row sequences, when at least two decode together."""
+    """The single-row sequences of a batch with their concatenated context slots, if any."""
     dec = [(s, t) for s, t in zip(slices, tables) if s.length == 1]
-    if len(dec) < 2:
+    if not dec:
         return None
-    n_blocks = max(len(t) for _, t in dec)
-    blocks = torch.tensor([t + [0] * (n_blocks - len(t)) for _, t in dec], dtype=torch.int64)  # [B, NB]
-    lens = torch.tensor([s.ctx_slots.numel() for s, _ in dec])  # [B]
-    max_len = n_blocks * block_size
-    mask = (torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)).view(len(dec), 1, 1, max_len)
-    return DecodeGroup(torch.tensor([s.start for s, _ in dec]), blocks.view(-1), mask, max_len)
+    lens = [s.ctx_slots.numel() for s, _ in dec]
+    offsets = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int64)
+    slots = dec[0][0].ctx_slots if len(dec) == 1 else torch.cat([s.ctx_slots for s, _ in dec])
+    return DecodeGroup(torch.tensor([s.start for s, _ in dec]), slots, offsets, [t for _, t in dec], block_size)
 
 
 def elastic_model_from_checkpoint(ckpt: Any, backend: ElasticBackend) -> ElasticModel:

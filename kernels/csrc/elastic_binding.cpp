@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "fused_ops.h"
 #include "elastic_common.h"
 
 #if defined(__linux__)
@@ -66,6 +67,12 @@ void set_isa(const std::string& name) {
 }
 
 std::string current_isa() { return kIsaNames[g_isa.load()]; }
+
+}  // namespace
+
+int isa_level() { return g_isa.load(std::memory_order_relaxed); }
+
+namespace {
 
 // Width-8 rows carry two-term activations (elastic_common.h) unless switched off.
 std::atomic<bool> g_w8_refine{true};
@@ -432,7 +439,7 @@ at::Tensor add_rms_norm(at::Tensor h, const std::optional<at::Tensor>& delta, co
 void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_flat, const at::Tensor& v_flat,
-                            const at::Tensor& slots, double scale);
+                            const at::Tensor& slots, const at::Tensor& offsets, double scale);
 }  // namespace quept
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -461,5 +468,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope_", &quept::rope_, py::arg("x"), py::arg("cos"), py::arg("sin"), "rotary embedding in place (rotate-half)");
     m.def("silu_mul", &quept::silu_mul, py::arg("gate"), py::arg("up"));
     m.def("decode_attention", &quept::decode_attention, py::arg("q"), py::arg("k_flat"), py::arg("v_flat"),
-          py::arg("slots"), py::arg("scale"), "one decoding query over its cached keys, read through the slot list");
+          py::arg("slots"), py::arg("offsets"), py::arg("scale"),
+          "B decoding queries, each over its own cached keys, read in place through the slot lists");
 }

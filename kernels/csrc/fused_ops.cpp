@@ -3,11 +3,15 @@
 // dozen small ops around every pair of linears (residual add + RMSNorm, rotary embedding of q and k,
 // SiLU(gate) * up) with one call each. Plain fp32 loops, same formulas as quept_runtime/model.py.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <vector>
+
+#include "fused_ops.h"
 
 namespace quept {
 
@@ -73,17 +77,22 @@ void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin) {
     }
 }
 
+void silu_mul_generic(const float* g, const float* u, float* out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 // silu(g) * u: g, u [T, F] -> [T, F].
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
     TORCH_CHECK(g.sizes() == u.sizes() && g.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat,
                 "gate and up must be fp32 tensors of one shape");
     auto gc = g.contiguous(), uc = u.contiguous();
     auto out = at::empty_like(gc);
-    const float* gp = gc.data_ptr<float>();
-    const float* up = uc.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    const int64_t n = gc.numel();
-    for (int64_t i = 0; i < n; ++i) op[i] = gp[i] / (1.f + std::exp(-gp[i])) * up[i];
+#if defined(__x86_64__) && defined(__GNUC__)
+    const auto fn = isa_level() >= 2 ? silu_mul_avx512 : silu_mul_generic;
+#else
+    const auto fn = silu_mul_generic;
+#endif
+    fn(gc.data_ptr<float>(), uc.data_ptr<float>(), out.data_ptr<float>(), gc.numel());
     return out;
 }
 
@@ -91,38 +100,32 @@ at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
 
 namespace quept {
 
-// Attention of one decoding query over its cached keys, read in place through the slot list (no
-// gathered copy): q [Hq, Dh]; k_flat, v_flat [slots, Hkv, Dh]; slots int64 [L]. Query head h reads
-// KV head h / (Hq / Hkv) (grouped-query attention, as Hugging Face's repeat_kv). Returns [Hq, Dh].
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_flat, const at::Tensor& v_flat,
-                            const at::Tensor& slots, double scale) {
-    TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous fp32 [Hq, Dh]");
-    TORCH_CHECK(k_flat.dim() == 3 && k_flat.sizes() == v_flat.sizes() && k_flat.scalar_type() == at::kFloat &&
-                    v_flat.scalar_type() == at::kFloat && k_flat.is_contiguous() && v_flat.is_contiguous(),
-                "k_flat and v_flat must be contiguous fp32 [slots, Hkv, Dh] of one shape");
-    TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() > 0,
-                "slots must be a non-empty contiguous int64 [L]");
-    const int64_t Hq = q.size(0), Dh = q.size(1), Hkv = k_flat.size(1), L = slots.numel(), S = k_flat.size(0);
-    TORCH_CHECK(k_flat.size(2) == Dh && Hkv > 0 && Hq % Hkv == 0, "head sizes do not match: q ", q.sizes(), ", k ",
-                k_flat.sizes());
-    const int64_t G = Hq / Hkv;
-    const int64_t* sl = slots.data_ptr<int64_t>();
-    for (int64_t l = 0; l < L; ++l) TORCH_CHECK(sl[l] >= 0 && sl[l] < S, "slot ", sl[l], " outside the cache (", S, ")");
-    auto out = at::zeros({Hq, Dh}, q.options());
-    std::vector<float> p((size_t)L);
-    const float* qp = q.data_ptr<float>();
-    const float* kp = k_flat.data_ptr<float>();
-    const float* vp = v_flat.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    for (int64_t h = 0; h < Hq; ++h) {
-        const int64_t j = h / G;
-        const float* qh = qp + h * Dh;
+// Attention of B decoding queries, each over its own cached keys, read in place through the slot
+// lists (no gathered copy): q [B, Hq, Dh]; k_flat, v_flat [slots, Hkv, Dh] in fp32 or fp16 (the cache's
+// type, one for both); sequence b's keys are
+// slots[offsets[b] : offsets[b + 1]] (int64). Query head h reads KV head h / (Hq / Hkv) (grouped-query
+// attention, as Hugging Face's repeat_kv). Returns [B, Hq, Dh]. Work is split over (sequence, KV
+// head) pairs on torch's intra-op threads; the G query heads of a KV head share each key read
+// (attention.h; AVX-512 in attention_avx512.cpp).
+namespace {
+
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return static_cast<float>(c10::Half(*p, c10::Half::from_bits())); }
+
+template <typename KV>
+void attend_portable(const AttnTask& t) {
+    const int64_t L = t.L, Dh = t.Dh;
+    const KV* k = static_cast<const KV*>(t.k);
+    const KV* v = static_cast<const KV*>(t.v);
+    for (int64_t g = 0; g < t.G; ++g) {
+        const float* qh = t.q + g * Dh;
+        float* p = t.scores + g * L;
         float mx = -INFINITY;
         for (int64_t l = 0; l < L; ++l) {
-            const float* kr = kp + (sl[l] * Hkv + j) * Dh;
+            const KV* kr = k + t.slots[l] * t.row_stride;
             float s = 0.f;
-            for (int64_t d = 0; d < Dh; ++d) s += qh[d] * kr[d];
-            p[l] = s * (float)scale;
+            for (int64_t d = 0; d < Dh; ++d) s += qh[d] * load1(kr + d);
+            p[l] = s * t.scale;
             mx = p[l] > mx ? p[l] : mx;
         }
         float sum = 0.f;
@@ -130,13 +133,79 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_flat, const
             p[l] = std::exp(p[l] - mx);
             sum += p[l];
         }
-        float* oh = op + h * Dh;
+        float* oh = t.out + g * Dh;
+        for (int64_t d = 0; d < Dh; ++d) oh[d] = 0.f;
         for (int64_t l = 0; l < L; ++l) {
             const float w = p[l] / sum;
-            const float* vr = vp + (sl[l] * Hkv + j) * Dh;
-            for (int64_t d = 0; d < Dh; ++d) oh[d] += w * vr[d];
+            const KV* vr = v + t.slots[l] * t.row_stride;
+            for (int64_t d = 0; d < Dh; ++d) oh[d] += w * load1(vr + d);
         }
     }
+}
+
+}  // namespace
+
+void attend_generic(const AttnTask& t) {
+    if (t.half) {
+        attend_portable<uint16_t>(t);
+    } else {
+        attend_portable<float>(t);
+    }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_flat, const at::Tensor& v_flat,
+                            const at::Tensor& slots, const at::Tensor& offsets, double scale) {
+    TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+                "q must be contiguous fp32 [B, Hq, Dh]");
+    TORCH_CHECK(k_flat.dim() == 3 && k_flat.sizes() == v_flat.sizes() && k_flat.scalar_type() == v_flat.scalar_type() &&
+                    (k_flat.scalar_type() == at::kFloat || k_flat.scalar_type() == at::kHalf) &&
+                    k_flat.is_contiguous() && v_flat.is_contiguous(),
+                "k_flat and v_flat must be contiguous fp32 or fp16 [slots, Hkv, Dh] of one shape and type");
+    TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+                "slots must be a contiguous int64 [sum of lengths]");
+    const int64_t B = q.size(0), Hq = q.size(1), Dh = q.size(2), Hkv = k_flat.size(1), S = k_flat.size(0);
+    TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.is_contiguous() &&
+                    offsets.numel() == B + 1,
+                "offsets must be a contiguous int64 [B + 1] with B=", B);
+    TORCH_CHECK(k_flat.size(2) == Dh && Hkv > 0 && Hq % Hkv == 0, "head sizes do not match: q ", q.sizes(), ", k ",
+                k_flat.sizes());
+    const int64_t G = Hq / Hkv;
+    const int64_t* sl = slots.data_ptr<int64_t>();
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    TORCH_CHECK(off[0] == 0 && off[B] == slots.numel(), "offsets must run from 0 to the number of slots (",
+                slots.numel(), ")");
+    int64_t max_len = 0;
+    for (int64_t b = 0; b < B; ++b) {
+        TORCH_CHECK(off[b + 1] > off[b], "sequence ", b, " has no cached keys (offsets must increase)");
+        max_len = std::max(max_len, off[b + 1] - off[b]);
+    }
+    for (int64_t l = 0; l < slots.numel(); ++l) {
+        TORCH_CHECK(sl[l] >= 0 && sl[l] < S, "slot ", sl[l], " outside the cache (", S, ")");
+    }
+    auto out = at::empty({B, Hq, Dh}, q.options());
+    const float* qp = q.data_ptr<float>();
+    const bool half = k_flat.scalar_type() == at::kHalf;
+    const size_t esize = half ? 2 : 4;
+    const char* kp = static_cast<const char*>(k_flat.data_ptr());
+    const char* vp = static_cast<const char*>(v_flat.data_ptr());
+    float* op = out.data_ptr<float>();
+#if defined(__x86_64__) && defined(__GNUC__)
+    const auto attend = isa_level() >= 2 && Dh % 16 == 0 ? attend_avx512 : attend_generic;
+#else
+    const auto attend = attend_generic;
+#endif
+    const int64_t work_per_task = max_len * G * Dh * 2;
+    at::parallel_for(0, B * Hkv, std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_task, 1)),
+                     [&](int64_t i0, int64_t i1) {
+        std::vector<float> scores((size_t)(G * max_len));
+        for (int64_t i = i0; i < i1; ++i) {
+            const int64_t b = i / Hkv, j = i % Hkv;
+            AttnTask t{qp + (b * Hq + j * G) * Dh, kp + j * Dh * esize, vp + j * Dh * esize, sl + off[b],
+                       off[b + 1] - off[b], G, Dh, Hkv * Dh, (float)scale, op + (b * Hq + j * G) * Dh,
+                       scores.data(), half};
+            attend(t);
+        }
+    });
     return out;
 }
 

@@ -162,8 +162,7 @@ def profile_step_times(model: Any, plans: Sequence[PrecisionPlan], batches: Sequ
     out: dict[str, dict[int, float]] = {p.name: {} for p in plans}
     steps = len(plans) * (reps + 1) + 2
     for batch in batches:
-        per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * 4  # fp32 K and V, all layers
-        cache = model.new_kv_cache(batch * (context + steps + 32) * per_token, block_size=16)
+        cache = model.new_kv_cache_for(batch * (context + steps + 32), block_size=16)
         seqs = [SequenceBlocks() for _ in range(batch)]
         tokens = torch.randint(0, a.vocab_size, (batch * context,), generator=gen)  # [B * ctx]
         positions = torch.arange(context).repeat(batch)  # [B * ctx]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -19,6 +20,26 @@ def ops():
     from quept_runtime.backends import get_backend
 
     return get_backend("native").layer_ops()
+
+
+def _isas() -> list[str]:
+    if find_compiler() is None:
+        return []
+    from kernels.native import load_native
+
+    return list(load_native().available_isas())
+
+
+@pytest.fixture(params=_isas())
+def isa(request: pytest.FixtureRequest):
+    """Run the test on each SIMD path this CPU has (the ops with a SIMD path dispatch on it)."""
+    from kernels.native import load_native
+
+    native = load_native()
+    best = native.current_isa()
+    native.set_isa(request.param)
+    yield request.param
+    native.set_isa(best)
 
 
 @pytest.mark.parametrize("t,d", [(1, 576), (7, 96), (3, 33)])
@@ -47,29 +68,47 @@ def test_rope_in_place(ops, t: int, heads: int, dh: int) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"seed {SEED}: {m}")
 
 
-@pytest.mark.parametrize("shape", [(1, 1536), (6, 97)])
-def test_silu_mul(ops, shape) -> None:
+@pytest.mark.parametrize("shape", [(1, 1536), (6, 97), (3, 5)])
+def test_silu_mul(ops, isa: str, shape) -> None:
     g = torch.Generator().manual_seed(SEED + shape[1])
     gate, up = torch.randn(shape, generator=g) * 4, torch.randn(shape, generator=g)
-    torch.testing.assert_close(ops.silu_mul(gate, up), TorchLayerOps.silu_mul(gate, up), rtol=1e-5, atol=1e-6)
+    gate.view(-1)[:4] = torch.tensor([-100.0, 100.0, -88.5, 0.0])[: gate.numel()]  # past exp's fp32 range
+    torch.testing.assert_close(ops.silu_mul(gate, up), TorchLayerOps.silu_mul(gate, up), rtol=1e-5, atol=1e-6,
+                               msg=lambda m: f"seed {SEED}, {isa}: {m}")
 
 
-@pytest.mark.parametrize("hq,hkv,d,length", [(9, 3, 64, 1), (9, 3, 64, 200), (4, 4, 16, 17), (8, 2, 8, 33)])
-def test_decode_attention_reads_the_slots_in_place(ops, hq: int, hkv: int, d: int, length: int) -> None:
-    g = torch.Generator().manual_seed(SEED + hq * length)
-    k_flat = torch.randn(256, hkv, d, generator=g)
-    v_flat = torch.randn(256, hkv, d, generator=g)
-    slots = torch.randperm(256, generator=g)[:length]  # scattered, as paged blocks are
-    q = torch.randn(hq, d, generator=g) * 2
-    ref = TorchLayerOps.decode_attention(q, k_flat, v_flat, slots)
-    torch.testing.assert_close(ops.decode_attention(q, k_flat, v_flat, slots), ref, rtol=1e-5, atol=1e-5,
-                               msg=lambda m: f"seed {SEED}: {m}")
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d,lengths", [(9, 3, 64, [1]), (9, 3, 64, [200]), (4, 4, 16, [17, 1, 40]),
+                                               (8, 2, 8, [33, 5]), (9, 3, 64, [7, 130, 64, 1, 99, 16, 3, 250]),
+                                               (20, 2, 32, [19, 3])])
+def test_decode_attention_reads_the_slots_in_place(ops, isa: str, hq: int, hkv: int, d: int, lengths: list[int],
+                                                   kv_dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(SEED + hq * sum(lengths))
+    k_flat = torch.randn(1024, hkv, d, generator=g).to(kv_dtype)  # the cache in the type it is stored in
+    v_flat = torch.randn(1024, hkv, d, generator=g).to(kv_dtype)
+    # each sequence's slots scattered over the cache, as paged blocks are (sequences may share none)
+    perm = torch.randperm(1024, generator=g)
+    slots = perm[: sum(lengths)]
+    offsets = torch.tensor([0, *itertools.accumulate(lengths)])
+    q = torch.randn(len(lengths), hq, d, generator=g) * 2
+    ref = TorchLayerOps.decode_attention(q, k_flat, v_flat, slots, offsets)
+    torch.testing.assert_close(ops.decode_attention(q, k_flat, v_flat, slots, offsets), ref, rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"seed {SEED}, {isa}: {m}")
 
 
-def test_decode_attention_refuses_a_slot_outside_the_cache(ops) -> None:
+def test_decode_attention_refuses_bad_slots_and_offsets(ops) -> None:
     k = torch.randn(8, 2, 4)
+    q = torch.randn(1, 4, 4)
     with pytest.raises(RuntimeError, match="slot 8 outside the cache"):
-        ops.decode_attention(torch.randn(4, 4), k, k, torch.tensor([0, 8]))
+        ops.decode_attention(q, k, k, torch.tensor([0, 8]), torch.tensor([0, 2]))
+    with pytest.raises(RuntimeError, match=r"offsets must be a contiguous int64 \[B \+ 1\]"):
+        ops.decode_attention(q, k, k, torch.tensor([0, 1]), torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="offsets must run from 0 to the number of slots"):
+        ops.decode_attention(q, k, k, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="k_flat and v_flat must be contiguous fp32 or fp16"):
+        ops.decode_attention(q, k, k.half(), torch.tensor([0, 1]), torch.tensor([0, 2]))
+    with pytest.raises(RuntimeError, match="sequence 0 has no cached keys"):
+        ops.decode_attention(torch.randn(2, 4, 4), k, k, torch.tensor([0, 1]), torch.tensor([0, 0, 2]))
 
 
 def test_other_dtypes_are_refused_by_name(ops) -> None:
@@ -102,7 +141,9 @@ def test_model_with_fused_ops_matches_plain_ops(tiny_ckpt) -> None:
     assert type(lm.model.ops).__name__ == "NativeLayerOps"
     ids = torch.tensor(lm.encode_chat("hello world, fused"))
     fused, logits = lm.model.ops, []
-    for ops in (fused, TorchLayerOps()):
+    plain = TorchLayerOps()
+    plain.kv_dtype = fused.kv_dtype  # like for like: the native ops keep K/V in fp16
+    for ops in (fused, plain):
         lm.model.ops = ops
         cache = lm.model.new_kv_cache(1 << 20)
         seq = SequenceBlocks()

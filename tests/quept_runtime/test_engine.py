@@ -221,22 +221,34 @@ def test_controller_changes_plan_between_tokens(lm):
     assert [o.precision for o in outs] == ["w8"] * 3 + ["w2"] * 5
 
 
-def test_batched_decode_attention_matches_per_sequence(lm):
-    """build_layout's DecodeGroup (one padded attention call for all decode rows) equals the per-sequence loop."""
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("new_rows", [(1, 1, 1), (1, 3, 1)])
+def test_batched_decode_attention_matches_per_sequence(tiny_ckpt: Path, backend: str, new_rows: tuple[int, ...]):
+    """build_layout's DecodeGroup (one attention call for all decode rows: the layer ops' in-place
+    decode attention, or one padded sdpa where they have none) equals the per-sequence loop, also
+    beside a sequence that runs a prefill chunk in the same batch."""
+    from kernels.native import find_compiler
     from quept_runtime.kv_cache import SequenceBlocks
     from quept_runtime.model import build_layout
 
-    model = lm.model
+    if backend == "native" and find_compiler() is None:
+        pytest.skip("no C++ compiler: the native kernels cannot be built")
+    model = load_model(tiny_ckpt, backend=backend).model
+    assert model.ops.batched_decode_attention == (backend == "native")
     prompts = [torch.arange(n) % model.args.vocab_size for n in (5, 11, 2)]
+    tokens = torch.arange(sum(new_rows)) + 3
+    positions = torch.cat([torch.arange(n) + len(p) for p, n in zip(prompts, new_rows)])
     outs = []
     for batched in (True, False):
         cache = model.new_kv_cache(1 << 20, block_size=4)
         seqs = [SequenceBlocks() for _ in prompts]
         model(torch.cat(prompts), torch.cat([torch.arange(len(p)) for p in prompts]), cache,
               build_layout(cache, [(s, len(p)) for s, p in zip(seqs, prompts)]), 8)
-        layout = build_layout(cache, [(s, 1) for s in seqs])
-        assert layout.decode is not None and layout.decode.max_len == 12
+        layout = build_layout(cache, [(s, n) for s, n in zip(seqs, new_rows)])
+        decoding = [len(p) + 1 for p, n in zip(prompts, new_rows) if n == 1]  # context of each decode row
+        assert layout.decode is not None and layout.decode.offsets.diff().tolist() == decoding
+        assert layout.decode.padded.max_len == 4 * -(-max(decoding) // 4)
         if not batched:
             layout.decode = None
-        outs.append(model(torch.tensor([3, 4, 5]), torch.tensor([len(p) for p in prompts]), cache, layout, 4))
+        outs.append(model(tokens, positions, cache, layout, 4))
     assert float((outs[0] - outs[1]).abs().max() / outs[1].abs().max()) < 1e-5

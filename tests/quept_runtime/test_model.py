@@ -102,3 +102,28 @@ def test_per_layer_plan_differs_from_uniform(loaded):
         cache = model.new_kv_cache(1 << 20)
         outs.append(model(ids, torch.arange(6), cache, build_layout(cache, [(SequenceBlocks(), 6)]), plan))
     assert rel_err(outs[0], outs[1]) > 1e-3
+
+
+def test_fp16_kv_cache_stays_close_to_fp32(loaded):
+    """Layer ops that keep K/V in fp16 (the native ones) change the logits by rounding alone: on the
+    continuous fp32 reference, well under a percent of their largest value."""
+    from quept_runtime.model import TorchLayerOps
+
+    _, lm = loaded
+    model = lm.model
+    ids = torch.randint(0, model.args.vocab_size, (20,), generator=torch.Generator().manual_seed(7))
+    outs = []
+    for kv_dtype in (torch.float32, torch.float16):
+        ops = TorchLayerOps()
+        ops.kv_dtype = kv_dtype
+        model.ops = ops
+        cache = model.new_kv_cache(1 << 20, block_size=4)
+        assert cache.k_cache.dtype == kv_dtype
+        seq = SequenceBlocks()
+        out = [model(ids[:12], torch.arange(12), cache, build_layout(cache, [(seq, 12)]), 4)]
+        for t in range(12, 20):
+            out.append(model(ids[t : t + 1], torch.tensor([t]), cache, build_layout(cache, [(seq, 1)]), 4))
+        outs.append(torch.cat(out))
+    model.ops = TorchLayerOps()
+    err = rel_err(outs[1], outs[0])
+    assert 0 < err < 5e-3  # it is rounded (not silently fp32), and only rounded

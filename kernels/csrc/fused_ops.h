@@ -1,0 +1,35 @@
+// The inner loops of the fused layer ops (fused_ops.cpp) that have a SIMD path: decode attention of
+// one (sequence, KV head) pair and SiLU(gate) * up. No torch headers: the AVX-512 file is compiled
+// with target pragmas (see elastic_avx2.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace quept {
+
+// The G query heads of one KV head of one decoding sequence over its L cached keys.
+struct AttnTask {
+    const float* q;          // [G][Dh] query heads
+    const void* k;           // flat key cache, fp32 or fp16 (half); key l of this head is at slots[l] * row_stride
+    const void* v;           // flat value cache, the same layout and type
+    const int64_t* slots;    // [L]
+    int64_t L, G, Dh;
+    int64_t row_stride;      // floats between consecutive cache slots (Hkv * Dh), head offset already in k/v
+    float scale;             // 1 / sqrt(Dh)
+    float* out;              // [G][Dh], written (not accumulated)
+    float* scores;           // scratch [G][L]
+    bool half;               // k and v hold IEEE fp16
+};
+
+void attend_generic(const AttnTask& t);
+// out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i], i < n
+void silu_mul_generic(const float* g, const float* u, float* out, int64_t n);
+#if defined(__x86_64__) && defined(__GNUC__)
+void attend_avx512(const AttnTask& t);  // needs Dh % 16 == 0
+void silu_mul_avx512(const float* g, const float* u, float* out, int64_t n);
+#endif
+
+// The ISA path the native kernels run now (0 generic, 1 AVX2, 2 AVX-512; elastic_binding.cpp).
+int isa_level();
+
+}  // namespace quept
