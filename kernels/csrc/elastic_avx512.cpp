@@ -21,6 +21,13 @@ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 // prefetcht0 by hand: GCC 12 drops _mm_prefetch / __builtin_prefetch inside `#pragma GCC target` code.
 inline void prefetch(const void* p) { __asm__ __volatile__("prefetcht0 (%0)" : : "r"(p)); }
 
+// acc += q (u8) . broadcast(*x4) (s8) with the broadcast embedded in the instruction ({1to16}): GCC
+// emits a separate vpbroadcastd for _mm512_set1_epi32(load), one more vector uop per dot product.
+inline __m512i dpbusd_bcast(__m512i acc, __m512i q, const int8_t* x4) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(q), "m"(*reinterpret_cast<const int32_t*>(x4)));
+    return acc;
+}
+
 inline __m512 load_half16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 
 // The 8 code vectors of chunk c of tile t at width B: vector i, byte r*4+j = code of (row r, column 4i+j).
@@ -67,7 +74,7 @@ void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const in
     const float* dxr2[MB];
     const int32_t* xqs2[MB];
     __m512 facc[MB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int mb = 0; mb < MB; ++mb) {
         if (REF) {
             xr2[mb] = A.xq2 + rows[mb] * K;
@@ -93,25 +100,20 @@ void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const in
                 for (int i = 0; i < 8; ++i) q[i] = _mm512_load_si512((const void*)(qbuf + (c * 8 + i) * 64));
             }
             __m512i iacc[MB], iacc2[MB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int mb = 0; mb < MB; ++mb) {
                 iacc[mb] = _mm512_set1_epi32(-kCentre<B> * xqs[mb][c]);
                 if (REF) iacc2[mb] = _mm512_set1_epi32(-kCentre<B> * xqs2[mb][c]);
             }
 #pragma GCC unroll 8
             for (int i = 0; i < 8; ++i) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
                 for (int mb = 0; mb < MB; ++mb) {
-                    int32_t x4;
-                    std::memcpy(&x4, xr[mb] + c * kChunk + 4 * i, 4);
-                    iacc[mb] = _mm512_dpbusd_epi32(iacc[mb], q[i], _mm512_set1_epi32(x4));
-                    if (REF) {
-                        std::memcpy(&x4, xr2[mb] + c * kChunk + 4 * i, 4);
-                        iacc2[mb] = _mm512_dpbusd_epi32(iacc2[mb], q[i], _mm512_set1_epi32(x4));
-                    }
+                    iacc[mb] = dpbusd_bcast(iacc[mb], q[i], xr[mb] + c * kChunk + 4 * i);
+                    if (REF) iacc2[mb] = dpbusd_bcast(iacc2[mb], q[i], xr2[mb] + c * kChunk + 4 * i);
                 }
             }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int mb = 0; mb < MB; ++mb) {
                 const __m512 s = _mm512_mul_ps(sc, _mm512_set1_ps(dxr[mb][c]));
                 facc[mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[mb]), s, facc[mb]);
@@ -121,13 +123,13 @@ void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const in
                 }
             }
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int mb = 0; mb < MB; ++mb) facc[mb] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsr[mb][g]), facc[mb]);
     }
     const uint16_t* lb = L.lora_b + t * L.rank_max * kTileRows;
     for (int j = 0; j < seg.rank; ++j) {
         const __m512 bv = load_half16(lb + j * kTileRows);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int mb = 0; mb < MB; ++mb) {
             facc[mb] = _mm512_fmadd_ps(bv, _mm512_set1_ps(A.u[rows[mb] * L.rank_max + j]), facc[mb]);
         }
@@ -137,16 +139,19 @@ void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const in
     const __mmask16 keep = (__mmask16)((1u << valid) - 1u);
     if (L.bias) {
         const __m512 bias = _mm512_loadu_ps(L.bias + n0);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int mb = 0; mb < MB; ++mb) facc[mb] = _mm512_add_ps(facc[mb], bias);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int mb = 0; mb < MB; ++mb) _mm512_mask_storeu_ps(A.out + rows[mb] * L.n + n0, keep, facc[mb]);
 }
 
 template <int B, bool FUSED, bool REF>
 void dot_rows_ref(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, const uint8_t* qbuf) {
     int64_t mi = 0;
+    if constexpr (!FUSED && !REF) {  // 8 rows: 8 + 8 accumulators and 8 code vectors fit the 32 registers
+        for (; mi + 8 <= seg.n_rows; mi += 8) dot_tile<B, 8, FUSED, REF>(L, A, seg, seg.rows + mi, t, qbuf);
+    }
     for (; mi + 4 <= seg.n_rows; mi += 4) dot_tile<B, 4, FUSED, REF>(L, A, seg, seg.rows + mi, t, qbuf);
     switch (seg.n_rows - mi) {
         case 3: dot_tile<B, 3, FUSED, REF>(L, A, seg, seg.rows + mi, t, qbuf); break;
