@@ -218,6 +218,13 @@ class TorchLayerOps:
     kv_dtype = torch.float32  # what the KV cache stores (the ops read it; the model writes it)
 
     @staticmethod
+    def write_kv(k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                 ) -> None:
+        """k_flat[slots] = k, v_flat[slots] = v (in the cache's type); k, v: [T, Hkv, D]."""
+        k_flat.index_copy_(0, slots, k.to(k_flat.dtype))
+        v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
+
+    @staticmethod
     def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
                          offsets: torch.Tensor) -> torch.Tensor:
         """Decoding queries q [B, Hq, D], sequence b over the cache rows slots[offsets[b]:offsets[b+1]] of
@@ -274,8 +281,7 @@ class ElasticModel(nn.Module):
         a = self.args
         k_flat = cache.k_cache[layer].view(-1, a.n_kv_heads, a.head_dim)  # [slots, Hkv, D]
         v_flat = cache.v_cache[layer].view(-1, a.n_kv_heads, a.head_dim)
-        k_flat.index_copy_(0, layout.write_slots, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, layout.write_slots, v.to(v_flat.dtype))
+        self.ops.write_kv(k_flat, v_flat, layout.write_slots, k, v)
         out = q.new_empty(q.shape[0], a.n_heads, a.head_dim)
         seqs = layout.seqs
         g = layout.decode

@@ -440,6 +440,7 @@ void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_flat, const at::Tensor& v_flat,
                             const at::Tensor& slots, const at::Tensor& offsets, double scale);
+void write_kv(at::Tensor k_flat, at::Tensor v_flat, const at::Tensor& slots, const at::Tensor& k, const at::Tensor& v);
 }  // namespace quept
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -469,5 +470,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("silu_mul", &quept::silu_mul, py::arg("gate"), py::arg("up"));
     m.def("decode_attention", &quept::decode_attention, py::arg("q"), py::arg("k_flat"), py::arg("v_flat"),
           py::arg("slots"), py::arg("offsets"), py::arg("scale"),
-          "B decoding queries, each over its own cached keys, read in place through the slot lists");
+          "B decoding queries, each over its own cached keys, read in place through the slot lists",
+          py::call_guard<py::gil_scoped_release>());
+    m.def("write_kv", &quept::write_kv, py::arg("k_flat"), py::arg("v_flat"), py::arg("slots"), py::arg("k"),
+          py::arg("v"), "K/V rows into the cache slots, converted to the cache's type");
 }

@@ -100,6 +100,46 @@ at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
 
 namespace quept {
 
+// K/V rows into the cache: k_flat[slots[t]] = k[t], v_flat[slots[t]] = v[t], converted to the cache's
+// type (fp32 or fp16). k, v: fp32 [T, Hkv, Dh]; k_flat, v_flat: [slots, Hkv, Dh]. One call for what
+// is otherwise two conversions and two index_copy_ per layer.
+void write_kv(at::Tensor k_flat, at::Tensor v_flat, const at::Tensor& slots, const at::Tensor& k,
+              const at::Tensor& v) {
+    TORCH_CHECK(k_flat.dim() == 3 && k_flat.sizes() == v_flat.sizes() && k_flat.scalar_type() == v_flat.scalar_type() &&
+                    (k_flat.scalar_type() == at::kFloat || k_flat.scalar_type() == at::kHalf) &&
+                    k_flat.is_contiguous() && v_flat.is_contiguous(),
+                "k_flat and v_flat must be contiguous fp32 or fp16 [slots, Hkv, Dh] of one shape and type");
+    TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.is_contiguous() &&
+                    v.is_contiguous() && k.sizes() == v.sizes() && k.dim() == 3 && k.size(1) == k_flat.size(1) &&
+                    k.size(2) == k_flat.size(2),
+                "k and v must be contiguous fp32 [T, Hkv, Dh] matching the cache, got ", k.sizes());
+    TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous() &&
+                    slots.numel() == k.size(0),
+                "slots must be a contiguous int64 [T] with T=", k.size(0));
+    const int64_t T = k.size(0), row = k.size(1) * k.size(2), S = k_flat.size(0);
+    const int64_t* sl = slots.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sl[t] >= 0 && sl[t] < S, "slot ", sl[t], " outside the cache (", S, ")");
+    const float* kp = k.data_ptr<float>();
+    const float* vp = v.data_ptr<float>();
+    if (k_flat.scalar_type() == at::kFloat) {
+        float* kd = k_flat.data_ptr<float>();
+        float* vd = v_flat.data_ptr<float>();
+        for (int64_t t = 0; t < T; ++t) {
+            std::copy(kp + t * row, kp + (t + 1) * row, kd + sl[t] * row);
+            std::copy(vp + t * row, vp + (t + 1) * row, vd + sl[t] * row);
+        }
+        return;
+    }
+    at::Half* kd = k_flat.data_ptr<at::Half>();
+    at::Half* vd = v_flat.data_ptr<at::Half>();
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t i = 0; i < row; ++i) {
+            kd[sl[t] * row + i] = static_cast<at::Half>(kp[t * row + i]);
+            vd[sl[t] * row + i] = static_cast<at::Half>(vp[t * row + i]);
+        }
+    }
+}
+
 // Attention of B decoding queries, each over its own cached keys, read in place through the slot
 // lists (no gathered copy): q [B, Hq, Dh]; k_flat, v_flat [slots, Hkv, Dh] in fp32 or fp16 (the cache's
 // type, one for both); sequence b's keys are

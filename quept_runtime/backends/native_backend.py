@@ -55,6 +55,10 @@ class NativeLayerOps:
     # cache (16 sequences x 100 tokens x 30 layers is 74 MB per step in fp32); half the bytes, twice the tokens
     kv_dtype = torch.float16
 
+    def write_kv(self, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> None:
+        self._ext.write_kv(k_flat, v_flat, slots, k, v)
+
     def decode_attention(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
                          offsets: torch.Tensor) -> torch.Tensor:
         return self._ext.decode_attention(q, k_flat, v_flat, slots, offsets, q.shape[-1] ** -0.5)

@@ -78,6 +78,24 @@ def test_silu_mul(ops, isa: str, shape) -> None:
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,hkv,d", [(1, 3, 64), (5, 2, 8)])
+def test_write_kv_scatters_and_converts(ops, kv_dtype: torch.dtype, t: int, hkv: int, d: int) -> None:
+    g = torch.Generator().manual_seed(SEED + t)
+    k, v = torch.randn(t, hkv, d, generator=g) * 10, torch.randn(t, hkv, d, generator=g)
+    slots = torch.randperm(40, generator=g)[:t]
+    k_cache, v_cache = (torch.randn(40, hkv, d, generator=g).to(kv_dtype) for _ in range(2))
+    ref, got = (k_cache.clone(), v_cache.clone()), (k_cache.clone(), v_cache.clone())
+    TorchLayerOps.write_kv(*ref, slots, k, v)
+    ops.write_kv(*got, slots, k, v)
+    for r, o in zip(ref, got):
+        torch.testing.assert_close(o, r, rtol=0, atol=0, msg=lambda m: f"seed {SEED}: {m}")
+    with pytest.raises(RuntimeError, match="slot 40 outside the cache"):
+        ops.write_kv(*got, torch.tensor([40] * t), k, v)
+    with pytest.raises(RuntimeError, match="k and v must be contiguous fp32"):
+        ops.write_kv(*got, slots, k.double(), v)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d,lengths", [(9, 3, 64, [1]), (9, 3, 64, [200]), (4, 4, 16, [17, 1, 40]),
                                                (8, 2, 8, [33, 5]), (9, 3, 64, [7, 130, 64, 1, 99, 16, 3, 250]),
                                                (20, 2, 32, [19, 3])])
