@@ -43,6 +43,12 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     max_model_len: int | None = None  # prompt + max_tokens limit; None: the model's context
     chunked_prefill: bool = True
+    # Steps of at most `small_batch_rows` rows run on `small_batch_threads` torch threads (0: off). Decode
+    # of a few rows is memory-bound and gains little from the last core, which a server's HTTP loop needs
+    # to stream the tokens: with every core on the model, one client's tokens come 1.6x slower (13 vs 8 ms
+    # per token measured on 2 cores, benchmarks/serve_bench.py).
+    small_batch_rows: int = 0
+    small_batch_threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self.step_count = 0
         self._itl_ema: float | None = None
+        self._full_threads = self._threads = torch.get_num_threads()
         log.info("engine: %d KV blocks of %d tokens (%.0f MiB), max_batch %d, max_model_len %d",
                  self.cache.num_blocks, self.cache.block_size, config.kv_cache_bytes / 2**20,
                  config.max_batch, self.max_model_len)
@@ -198,6 +205,7 @@ class LLMEngine:
         if not batch:
             return []
         plans = self.plan(batch)
+        self._set_threads(batch.num_rows)
         logits = self.execute(batch, plans)
         tokens = self.sample(batch, logits)
         outputs = self.update(batch, plans, tokens)
@@ -207,6 +215,16 @@ class LLMEngine:
             self.controller.end_step(batch.num_rows, seconds)
         self.observer.on_step(self.stats(), batch.num_rows, seconds)
         return outputs
+
+    def _set_threads(self, rows: int) -> None:
+        """Torch threads for a step of `rows` rows (EngineConfig.small_batch_rows)."""
+        cfg = self.config
+        if not cfg.small_batch_rows:
+            return
+        want = cfg.small_batch_threads if rows <= cfg.small_batch_rows else self._full_threads
+        if want != self._threads:
+            torch.set_num_threads(want)
+            self._threads = want
 
     def schedule(self) -> SchedulerOutput:
         batch = self.scheduler.schedule()

@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0)
     """torch intra-op threads for model work (0: torch's default, one per core; 1 helps on a busy shared machine)."""
 
+    small_batch_rows: int = Field(4, ge=0)
+    """Steps of at most this many rows (a few decoding clients) leave one of the `threads` to the HTTP
+    loop that streams their tokens (0: every step uses all of them)."""
+
     model_name: str = "smollm2-135m"
     """Name served in `/v1/models`; aliases `<model_name>@wB` select a precision."""
 

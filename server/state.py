@@ -96,7 +96,8 @@ class ServerState:
                                                  **s.policy_options())
             config = EngineConfig(max_batch=s.max_batch, max_batched_tokens=max(s.max_batched_tokens, s.max_batch),
                                   kv_cache_bytes=s.kv_cache_mb << 20, block_size=s.block_size,
-                                  max_model_len=s.max_model_len)
+                                  max_model_len=s.max_model_len, small_batch_rows=s.small_batch_rows,
+                                  small_batch_threads=max(1, torch.get_num_threads() - 1))
             engine = LLMEngine.from_loaded(loaded, config, controller)
             if s.warmup:
                 await asyncio.to_thread(warm_up, engine, loaded)

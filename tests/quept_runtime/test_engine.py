@@ -252,3 +252,29 @@ def test_batched_decode_attention_matches_per_sequence(tiny_ckpt: Path, backend:
             layout.decode = None
         outs.append(model(tokens, positions, cache, layout, 4))
     assert float((outs[0] - outs[1]).abs().max() / outs[1].abs().max()) < 1e-5
+
+
+def test_small_batches_run_on_fewer_threads(lm, monkeypatch):
+    """Steps of at most small_batch_rows rows use small_batch_threads; larger steps (a prefill, many
+    decoding sequences) every thread the engine was built with; the tokens do not change."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ids = ids_of(lm, 1)
+        ref = reference(lm, ids, 4, 5)
+        eng = engine(lm, small_batch_rows=1, small_batch_threads=1)
+        seen: list[tuple[int, int]] = []
+        forward = eng.execute
+
+        def spy(batch, plans):
+            seen.append((batch.num_rows, torch.get_num_threads()))
+            return forward(batch, plans)
+
+        monkeypatch.setattr(eng, "execute", spy)
+        eng.add_request(request(lm, "a", ids, 4, 5))
+        outs = eng.run_to_completion()["a"]
+        assert tokens(outs) == ref
+        assert seen == [(len(ids), 2)] + [(1, 1)] * 4  # prefill on both threads, decode on one
+        assert torch.get_num_threads() == 1  # left as the last step set it (the engine thread's setting)
+    finally:
+        torch.set_num_threads(before)
