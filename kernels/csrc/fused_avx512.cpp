@@ -35,6 +35,19 @@ inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+// The sums of the 16 lanes of a, b, c and d, in lanes 0..3.
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    // 128-bit chunks: [a0+a2, a1+a3, b0+b2, b1+b3] and likewise for c, d
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    // chunk j holds four partial sums of vector j (a, b, c, d)
+    __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));  // + the other 64-bit half of the chunk
+    s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));  // + the neighbour: every lane of chunk j = sum j
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                          12, 8, 4, 0), s));
+}
+
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 
@@ -47,8 +60,24 @@ void attend(const AttnTask& t) {
     for (int64_t g = 0; g < G; ++g) {
         for (int i = 0; i < NV; ++i) q[g][i] = _mm512_mul_ps(_mm512_loadu_ps(t.q + g * NV * 16 + i * 16), _mm512_set1_ps(t.scale));
     }
-    // scores[g][l] = (q_g . k_l) / sqrt(Dh)
-    for (int64_t l = 0; l < L; ++l) {
+    // scores[g][l] = (q_g . k_l) / sqrt(Dh), four keys at a time (one reduction tree for four sums)
+    int64_t l4 = 0;
+    for (; l4 + 4 <= L; l4 += 4) {
+        __m512 kv[4][NV];
+        for (int r = 0; r < 4; ++r) {
+            const KV* kr = k + t.slots[l4 + r] * t.row_stride;
+            for (int i = 0; i < NV; ++i) kv[r][i] = load16(kr + i * 16);
+        }
+        for (int64_t g = 0; g < G; ++g) {
+            __m512 acc[4];
+            for (int r = 0; r < 4; ++r) {
+                acc[r] = _mm512_mul_ps(q[g][0], kv[r][0]);
+                for (int i = 1; i < NV; ++i) acc[r] = _mm512_fmadd_ps(q[g][i], kv[r][i], acc[r]);
+            }
+            _mm_storeu_ps(t.scores + g * L + l4, reduce4(acc[0], acc[1], acc[2], acc[3]));
+        }
+    }
+    for (int64_t l = l4; l < L; ++l) {
         const KV* kr = k + t.slots[l] * t.row_stride;
         __m512 kv[NV];
         for (int i = 0; i < NV; ++i) kv[i] = load16(kr + i * 16);
@@ -64,7 +93,7 @@ void attend(const AttnTask& t) {
         __m512 mx = _mm512_set1_ps(-INFINITY);
         int64_t l = 0;
         for (; l + 16 <= L; l += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + l));
-        const __mmask16 tail = (__mmask16)((1u << (L - l)) - 1u);
+        const __mmask16 tail = (__mmask16)((1u << (L - l)) - 1u);  // L - l < 16
         mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, s + l));
         const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
         __m512 sum = _mm512_setzero_ps();
