@@ -184,6 +184,18 @@ class BatchLayout:
     seqs: list[SeqSlice]
     decode: DecodeGroup | None = None  # the sequences that decode one row, if any
 
+    @cached_property
+    def row_spans(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots, starts, ends): every sequence's context slots concatenated [n], and for each row
+        [T] the span of them it attends to (a prefill chunk's rows are causal: each one slot more)."""
+        slots = torch.cat([s.ctx_slots for s in self.seqs]) if len(self.seqs) > 1 else self.seqs[0].ctx_slots
+        starts, ends, base = [], [], 0
+        for s in self.seqs:
+            starts += [base] * s.length
+            ends += range(base + s.context_before + 1, base + s.context_before + s.length + 1)
+            base += s.ctx_slots.numel()
+        return slots, torch.tensor(starts, dtype=torch.int64), torch.tensor(ends, dtype=torch.int64)
+
 
 def resolve_row_bits(row_bits: torch.Tensor | int, n_linears: int) -> list[torch.Tensor | int]:
     """Per linear: one int when all rows agree (the fast path), else the [T] column."""
@@ -212,9 +224,9 @@ class TorchLayerOps:
     def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) * up
 
-    # decode_attention reads the cache in place: the model hands it every decoding row at once.
-    # Here (False) only a lone decoding row; two or more go to one masked sdpa over gathered blocks.
-    batched_decode_attention = False
+    # True: paged_attention takes every row of a batch (decoding rows and prefill chunks) in one call.
+    # Here (False) it takes a lone decoding row; more rows go to sdpa over gathered keys.
+    attention_in_place = False
     kv_dtype = torch.float32  # what the KV cache stores (the ops read it; the model writes it)
 
     @staticmethod
@@ -225,16 +237,15 @@ class TorchLayerOps:
         v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
 
     @staticmethod
-    def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
-                         offsets: torch.Tensor) -> torch.Tensor:
-        """Decoding queries q [B, Hq, D], sequence b over the cache rows slots[offsets[b]:offsets[b+1]] of
-        k_flat/v_flat [slots, Hkv, D] -> [B, Hq, D]. The G query heads of a KV head act as G positions,
-        no mask (about 3x faster than sdpa's enable_gqa K/V expansion at these sizes, measured 20 vs 60
-        us per call)."""
-        b, hq, d = q.shape
+    def paged_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
+                        starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Query rows q [R, Hq, D], row r over the cache rows slots[starts[r]:ends[r]] of k_flat/v_flat
+        [slots, Hkv, D] -> [R, Hq, D]. The G query heads of a KV head act as G positions, no mask (about
+        3x faster than sdpa's enable_gqa K/V expansion at these sizes, measured 20 vs 60 us per call)."""
+        r, hq, d = q.shape
         hkv = k_flat.shape[1]
-        out = q.new_empty(b, hq, d)
-        for i, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        out = q.new_empty(r, hq, d)
+        for i, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist())):
             ks = k_flat.index_select(0, slots[lo:hi]).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hkv, L, D]
             vs = v_flat.index_select(0, slots[lo:hi]).transpose(0, 1).unsqueeze(0).to(q.dtype)
             o = F.scaled_dot_product_attention(q[i].view(1, hkv, hq // hkv, d), ks, vs)  # [1, Hkv, G, D]
@@ -282,15 +293,16 @@ class ElasticModel(nn.Module):
         k_flat = cache.k_cache[layer].view(-1, a.n_kv_heads, a.head_dim)  # [slots, Hkv, D]
         v_flat = cache.v_cache[layer].view(-1, a.n_kv_heads, a.head_dim)
         self.ops.write_kv(k_flat, v_flat, layout.write_slots, k, v)
+        if self.ops.attention_in_place:  # every row, decoding or prefilling, in one call
+            return self.ops.paged_attention(q, k_flat, v_flat, *layout.row_spans).view(q.shape[0], -1)
         out = q.new_empty(q.shape[0], a.n_heads, a.head_dim)
         seqs = layout.seqs
         g = layout.decode
         if g is not None:  # all decode rows in one call instead of one call per sequence
             n = g.rows.numel()
-            every_row = n == q.shape[0]  # a pure decode step: the rows are 0..T-1 in order
-            qd = q if every_row else q.index_select(0, g.rows)  # [B, Hq, D]
-            if n == 1 or self.ops.batched_decode_attention:
-                od = self.ops.decode_attention(qd, k_flat, v_flat, g.slots, g.offsets)  # [B, Hq, D]
+            qd = q.index_select(0, g.rows)  # [B, Hq, D]
+            if n == 1:
+                od = self.ops.paged_attention(qd, k_flat, v_flat, g.slots, g.offsets[:-1], g.offsets[1:])
             else:
                 # the G = Hq / Hkv query heads of a KV head act as G query positions: no K/V expansion for GQA
                 p = g.padded
@@ -301,10 +313,7 @@ class ElasticModel(nn.Module):
                 vd = cache.v_cache[layer].index_select(0, p.blocks).view(n, p.max_len, a.n_kv_heads, a.head_dim)
                 kd, vd = kd.transpose(1, 2).to(q.dtype), vd.transpose(1, 2).to(q.dtype)
                 od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=p.mask)  # [B, Hkv, G, D]
-            od = od.reshape(n, a.n_heads, a.head_dim)  # [B, Hq, D]
-            if every_row:
-                return od.view(n, a.n_heads * a.head_dim)
-            out.index_copy_(0, g.rows, od)
+            out.index_copy_(0, g.rows, od.reshape(n, a.n_heads, a.head_dim))  # [B, Hq, D]
             seqs = [s for s in seqs if s.length != 1]
         for s in seqs:
             ks = k_flat.index_select(0, s.ctx_slots).transpose(0, 1).to(q.dtype)  # [Hkv, Lk, D]

@@ -438,8 +438,8 @@ namespace quept {
 at::Tensor add_rms_norm(at::Tensor h, const std::optional<at::Tensor>& delta, const at::Tensor& weight, double eps);
 void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_flat, const at::Tensor& v_flat,
-                            const at::Tensor& slots, const at::Tensor& offsets, double scale);
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_flat, const at::Tensor& v_flat,
+                           const at::Tensor& slots, const at::Tensor& starts, const at::Tensor& ends, double scale);
 void write_kv(at::Tensor k_flat, at::Tensor v_flat, const at::Tensor& slots, const at::Tensor& k, const at::Tensor& v);
 }  // namespace quept
 
@@ -468,9 +468,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "h += delta (in place, when given); returns rms_norm(h) * weight");
     m.def("rope_", &quept::rope_, py::arg("x"), py::arg("cos"), py::arg("sin"), "rotary embedding in place (rotate-half)");
     m.def("silu_mul", &quept::silu_mul, py::arg("gate"), py::arg("up"));
-    m.def("decode_attention", &quept::decode_attention, py::arg("q"), py::arg("k_flat"), py::arg("v_flat"),
-          py::arg("slots"), py::arg("offsets"), py::arg("scale"),
-          "B decoding queries, each over its own cached keys, read in place through the slot lists",
+    m.def("paged_attention", &quept::paged_attention, py::arg("q"), py::arg("k_flat"), py::arg("v_flat"),
+          py::arg("slots"), py::arg("starts"), py::arg("ends"), py::arg("scale"),
+          "query rows over the paged cache, row r over the cache rows slots[starts[r]:ends[r]], read in place",
           py::call_guard<py::gil_scoped_release>());
     m.def("write_kv", &quept::write_kv, py::arg("k_flat"), py::arg("v_flat"), py::arg("slots"), py::arg("k"),
           py::arg("v"), "K/V rows into the cache slots, converted to the cache's type");

@@ -140,13 +140,13 @@ void write_kv(at::Tensor k_flat, at::Tensor v_flat, const at::Tensor& slots, con
     }
 }
 
-// Attention of B decoding queries, each over its own cached keys, read in place through the slot
-// lists (no gathered copy): q [B, Hq, Dh]; k_flat, v_flat [slots, Hkv, Dh] in fp32 or fp16 (the cache's
-// type, one for both); sequence b's keys are
-// slots[offsets[b] : offsets[b + 1]] (int64). Query head h reads KV head h / (Hq / Hkv) (grouped-query
-// attention, as Hugging Face's repeat_kv). Returns [B, Hq, Dh]. Work is split over (sequence, KV
-// head) pairs on torch's intra-op threads; the G query heads of a KV head share each key read
-// (attention.h; AVX-512 in attention_avx512.cpp).
+// Attention of R query rows over the paged cache, read in place through slot lists (no gathered
+// copy): q [R, Hq, Dh]; k_flat, v_flat [slots, Hkv, Dh] in fp32 or fp16 (the cache's type, one for
+// both); row r attends to the cache rows slots[starts[r] : ends[r]] (int64). A decoding sequence is
+// one row over its whole context; the rows of a prefill chunk share a start and end one slot apart
+// (causal). Query head h reads KV head h / (Hq / Hkv) (grouped-query attention, as Hugging Face's
+// repeat_kv). Returns [R, Hq, Dh]. Work is split over (row, KV head) pairs on torch's intra-op
+// threads; the G query heads of a KV head share each key read (fused_ops.h; AVX-512 in fused_avx512.cpp).
 namespace {
 
 inline float load1(const float* p) { return *p; }
@@ -193,31 +193,32 @@ void attend_generic(const AttnTask& t) {
     }
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_flat, const at::Tensor& v_flat,
-                            const at::Tensor& slots, const at::Tensor& offsets, double scale) {
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_flat, const at::Tensor& v_flat,
+                           const at::Tensor& slots, const at::Tensor& starts, const at::Tensor& ends, double scale) {
     TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
-                "q must be contiguous fp32 [B, Hq, Dh]");
+                "q must be contiguous fp32 [R, Hq, Dh]");
     TORCH_CHECK(k_flat.dim() == 3 && k_flat.sizes() == v_flat.sizes() && k_flat.scalar_type() == v_flat.scalar_type() &&
                     (k_flat.scalar_type() == at::kFloat || k_flat.scalar_type() == at::kHalf) &&
                     k_flat.is_contiguous() && v_flat.is_contiguous(),
                 "k_flat and v_flat must be contiguous fp32 or fp16 [slots, Hkv, Dh] of one shape and type");
     TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
-                "slots must be a contiguous int64 [sum of lengths]");
+                "slots must be a contiguous int64 [n]");
     const int64_t B = q.size(0), Hq = q.size(1), Dh = q.size(2), Hkv = k_flat.size(1), S = k_flat.size(0);
-    TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.is_contiguous() &&
-                    offsets.numel() == B + 1,
-                "offsets must be a contiguous int64 [B + 1] with B=", B);
+    for (const auto* t : {&starts, &ends}) {
+        TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == B,
+                    "starts and ends must be contiguous int64 [R] with R=", B);
+    }
     TORCH_CHECK(k_flat.size(2) == Dh && Hkv > 0 && Hq % Hkv == 0, "head sizes do not match: q ", q.sizes(), ", k ",
                 k_flat.sizes());
     const int64_t G = Hq / Hkv;
     const int64_t* sl = slots.data_ptr<int64_t>();
-    const int64_t* off = offsets.data_ptr<int64_t>();
-    TORCH_CHECK(off[0] == 0 && off[B] == slots.numel(), "offsets must run from 0 to the number of slots (",
-                slots.numel(), ")");
+    const int64_t* st = starts.data_ptr<int64_t>();
+    const int64_t* en = ends.data_ptr<int64_t>();
     int64_t max_len = 0;
     for (int64_t b = 0; b < B; ++b) {
-        TORCH_CHECK(off[b + 1] > off[b], "sequence ", b, " has no cached keys (offsets must increase)");
-        max_len = std::max(max_len, off[b + 1] - off[b]);
+        TORCH_CHECK(0 <= st[b] && st[b] < en[b] && en[b] <= slots.numel(), "row ", b, " spans slots [", st[b], ", ",
+                    en[b], ") of ", slots.numel(), ": a span must be non-empty and inside the slot list");
+        max_len = std::max(max_len, en[b] - st[b]);
     }
     for (int64_t l = 0; l < slots.numel(); ++l) {
         TORCH_CHECK(sl[l] >= 0 && sl[l] < S, "slot ", sl[l], " outside the cache (", S, ")");
@@ -240,8 +241,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_flat, const
         std::vector<float> scores((size_t)(G * max_len));
         for (int64_t i = i0; i < i1; ++i) {
             const int64_t b = i / Hkv, j = i % Hkv;
-            AttnTask t{qp + (b * Hq + j * G) * Dh, kp + j * Dh * esize, vp + j * Dh * esize, sl + off[b],
-                       off[b + 1] - off[b], G, Dh, Hkv * Dh, (float)scale, op + (b * Hq + j * G) * Dh,
+            AttnTask t{qp + (b * Hq + j * G) * Dh, kp + j * Dh * esize, vp + j * Dh * esize, sl + st[b],
+                       en[b] - st[b], G, Dh, Hkv * Dh, (float)scale, op + (b * Hq + j * G) * Dh,
                        scores.data(), half};
             attend(t);
         }

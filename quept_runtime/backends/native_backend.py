@@ -50,7 +50,7 @@ class NativeLayerOps:
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self._ext.silu_mul(gate, up)
 
-    batched_decode_attention = True  # reads the cache in place: every decoding row in one call
+    attention_in_place = True  # paged_attention reads the cache in place: every row of a batch in one call
     # fp16 K/V (as llama.cpp's default): with many sequences decoding, attention is bound by reading the
     # cache (16 sequences x 100 tokens x 30 layers is 74 MB per step in fp32); half the bytes, twice the tokens
     kv_dtype = torch.float16
@@ -59,9 +59,9 @@ class NativeLayerOps:
                  v: torch.Tensor) -> None:
         self._ext.write_kv(k_flat, v_flat, slots, k, v)
 
-    def decode_attention(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
-                         offsets: torch.Tensor) -> torch.Tensor:
-        return self._ext.decode_attention(q, k_flat, v_flat, slots, offsets, q.shape[-1] ** -0.5)
+    def paged_attention(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
+                        starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        return self._ext.paged_attention(q, k_flat, v_flat, slots, starts, ends, q.shape[-1] ** -0.5)
 
 
 @dataclass

@@ -99,34 +99,57 @@ def test_write_kv_scatters_and_converts(ops, kv_dtype: torch.dtype, t: int, hkv:
 @pytest.mark.parametrize("hq,hkv,d,lengths", [(9, 3, 64, [1]), (9, 3, 64, [200]), (4, 4, 16, [17, 1, 40]),
                                                (8, 2, 8, [33, 5]), (9, 3, 64, [7, 130, 64, 1, 99, 16, 3, 250]),
                                                (20, 2, 32, [19, 3])])
-def test_decode_attention_reads_the_slots_in_place(ops, isa: str, hq: int, hkv: int, d: int, lengths: list[int],
-                                                   kv_dtype: torch.dtype) -> None:
+def test_paged_attention_of_decoding_rows(ops, isa: str, hq: int, hkv: int, d: int, lengths: list[int],
+                                          kv_dtype: torch.dtype) -> None:
+    """One row per sequence over its whole context, each context scattered over the cache."""
     g = torch.Generator().manual_seed(SEED + hq * sum(lengths))
     k_flat = torch.randn(1024, hkv, d, generator=g).to(kv_dtype)  # the cache in the type it is stored in
     v_flat = torch.randn(1024, hkv, d, generator=g).to(kv_dtype)
-    # each sequence's slots scattered over the cache, as paged blocks are (sequences may share none)
-    perm = torch.randperm(1024, generator=g)
-    slots = perm[: sum(lengths)]
+    slots = torch.randperm(1024, generator=g)[: sum(lengths)]  # as paged blocks are; sequences share none
     offsets = torch.tensor([0, *itertools.accumulate(lengths)])
     q = torch.randn(len(lengths), hq, d, generator=g) * 2
-    ref = TorchLayerOps.decode_attention(q, k_flat, v_flat, slots, offsets)
-    torch.testing.assert_close(ops.decode_attention(q, k_flat, v_flat, slots, offsets), ref, rtol=1e-5, atol=1e-5,
+    spans = (slots, offsets[:-1], offsets[1:])
+    ref = TorchLayerOps.paged_attention(q, k_flat, v_flat, *spans)
+    torch.testing.assert_close(ops.paged_attention(q, k_flat, v_flat, *spans), ref, rtol=1e-5, atol=1e-5,
                                msg=lambda m: f"seed {SEED}, {isa}: {m}")
 
 
-def test_decode_attention_refuses_bad_slots_and_offsets(ops) -> None:
+@pytest.mark.parametrize("context_before,rows", [(0, 13), (21, 5), (40, 64)])
+def test_paged_attention_of_a_causal_prefill_chunk(ops, isa: str, context_before: int, rows: int) -> None:
+    """The rows of a prefill chunk share a start; each sees one key more (what the model passes)."""
+    from torch.nn import functional as F
+
+    g = torch.Generator().manual_seed(SEED + context_before + rows)
+    hq, hkv, d = 9, 3, 64
+    n = context_before + rows
+    k_flat, v_flat = torch.randn(256, hkv, d, generator=g).half(), torch.randn(256, hkv, d, generator=g).half()
+    slots = torch.randperm(256, generator=g)[:n]
+    q = torch.randn(rows, hq, d, generator=g)
+    starts = torch.zeros(rows, dtype=torch.int64)
+    ends = torch.arange(context_before + 1, n + 1)
+    got = ops.paged_attention(q, k_flat, v_flat, slots, starts, ends)
+    # reference: causal sdpa over the gathered keys, K/V heads repeated for the query heads
+    ks = k_flat[slots].float().repeat_interleave(hq // hkv, 1).transpose(0, 1)  # [Hq, n, D]
+    vs = v_flat[slots].float().repeat_interleave(hq // hkv, 1).transpose(0, 1)
+    mask = torch.arange(n).unsqueeze(0) < ends.unsqueeze(1)  # [rows, n]
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), ks, vs, attn_mask=mask).transpose(0, 1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {SEED}, {isa}: {m}")
+
+
+def test_paged_attention_refuses_bad_slots_and_spans(ops) -> None:
     k = torch.randn(8, 2, 4)
     q = torch.randn(1, 4, 4)
+    one = torch.tensor([0])
     with pytest.raises(RuntimeError, match="slot 8 outside the cache"):
-        ops.decode_attention(q, k, k, torch.tensor([0, 8]), torch.tensor([0, 2]))
-    with pytest.raises(RuntimeError, match=r"offsets must be a contiguous int64 \[B \+ 1\]"):
-        ops.decode_attention(q, k, k, torch.tensor([0, 1]), torch.tensor([0, 1, 2]))
-    with pytest.raises(RuntimeError, match="offsets must run from 0 to the number of slots"):
-        ops.decode_attention(q, k, k, torch.tensor([0, 1]), torch.tensor([0, 1]))
+        ops.paged_attention(q, k, k, torch.tensor([0, 8]), one, torch.tensor([2]))
+    with pytest.raises(RuntimeError, match=r"starts and ends must be contiguous int64 \[R\] with R=1"):
+        ops.paged_attention(q, k, k, torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match="row 0 spans slots \\[0, 3\\) of 2"):
+        ops.paged_attention(q, k, k, torch.tensor([0, 1]), one, torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="a span must be non-empty"):
+        ops.paged_attention(q, k, k, torch.tensor([0, 1]), one, one)
     with pytest.raises(RuntimeError, match="k_flat and v_flat must be contiguous fp32 or fp16"):
-        ops.decode_attention(q, k, k.half(), torch.tensor([0, 1]), torch.tensor([0, 2]))
-    with pytest.raises(RuntimeError, match="sequence 0 has no cached keys"):
-        ops.decode_attention(torch.randn(2, 4, 4), k, k, torch.tensor([0, 1]), torch.tensor([0, 0, 2]))
+        ops.paged_attention(q, k, k.half(), torch.tensor([0, 1]), one, torch.tensor([2]))
 
 
 def test_other_dtypes_are_refused_by_name(ops) -> None:

@@ -223,23 +223,28 @@ def test_controller_changes_plan_between_tokens(lm):
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("new_rows", [(1, 1, 1), (1, 3, 1)])
-def test_batched_decode_attention_matches_per_sequence(tiny_ckpt: Path, backend: str, new_rows: tuple[int, ...]):
-    """build_layout's DecodeGroup (one attention call for all decode rows: the layer ops' in-place
-    decode attention, or one padded sdpa where they have none) equals the per-sequence loop, also
-    beside a sequence that runs a prefill chunk in the same batch."""
+def test_attention_of_a_batch_matches_per_sequence(tiny_ckpt: Path, backend: str, new_rows: tuple[int, ...]):
+    """One attention call for a batch equals attending sequence by sequence: on the torch backend
+    build_layout's DecodeGroup (one padded sdpa for all decode rows) against the per-sequence loop;
+    on the native backend its in-place paged attention over every row (decode rows and a prefill
+    chunk in one batch) against the torch ops on the same fp16 cache."""
     from kernels.native import find_compiler
     from quept_runtime.kv_cache import SequenceBlocks
-    from quept_runtime.model import build_layout
+    from quept_runtime.model import TorchLayerOps, build_layout
 
     if backend == "native" and find_compiler() is None:
         pytest.skip("no C++ compiler: the native kernels cannot be built")
     model = load_model(tiny_ckpt, backend=backend).model
-    assert model.ops.batched_decode_attention == (backend == "native")
+    assert model.ops.attention_in_place == (backend == "native")
+    batched_ops = model.ops
+    per_sequence_ops = TorchLayerOps()
+    per_sequence_ops.kv_dtype = batched_ops.kv_dtype
     prompts = [torch.arange(n) % model.args.vocab_size for n in (5, 11, 2)]
     tokens = torch.arange(sum(new_rows)) + 3
     positions = torch.cat([torch.arange(n) + len(p) for p, n in zip(prompts, new_rows)])
     outs = []
     for batched in (True, False):
+        model.ops = batched_ops if batched else per_sequence_ops
         cache = model.new_kv_cache(1 << 20, block_size=4)
         seqs = [SequenceBlocks() for _ in prompts]
         model(torch.cat(prompts), torch.cat([torch.arange(len(p)) for p in prompts]), cache,
@@ -251,6 +256,7 @@ def test_batched_decode_attention_matches_per_sequence(tiny_ckpt: Path, backend:
         if not batched:
             layout.decode = None
         outs.append(model(tokens, positions, cache, layout, 4))
+    model.ops = batched_ops
     assert float((outs[0] - outs[1]).abs().max() / outs[1].abs().max()) < 1e-5
 
 
