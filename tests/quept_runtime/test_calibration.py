@@ -132,3 +132,66 @@ def test_mb_tome_keeps_agreeing_tokens():
     mixed, frac = mb_tome(x, hi, [lo])
     assert torch.equal(mixed[0, :2], hi[0, :2]) and not torch.equal(mixed[0, 2], hi[0, 2])
     assert abs(frac - 1 / 3) < 1e-6
+
+
+def _random_fake_quant(n: int, k: int, seed: int = 0):
+    from quept_runtime.calibration.blockwise import make_fake_quant
+
+    g = torch.Generator().manual_seed(seed)
+    layer = make_fake_quant(torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g) * 0.1, WIDTHS,
+                            tuple(RANKS[b] for b in WIDTHS), 32, seed=seed)
+    with torch.no_grad():  # trained-looking parameters: every term of the forward is non-zero
+        layer.ds.copy_(torch.randn(layer.ds.shape, generator=g) * 0.1)
+        layer.dm.copy_(torch.randn(layer.dm.shape, generator=g) * 0.1)
+        layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * 0.05)
+    return layer
+
+
+def test_forward_widths_matches_forward_and_its_gradients():
+    layer = _random_fake_quant(48, 96)
+    idx = [0, 3, 5, 3, 1]  # w8 (rank 0), repeats, every rank size
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(idx), 7, 96, generator=g, requires_grad=True)
+    probe = torch.randn(len(idx), 7, 48, generator=g)
+    params = [layer.ds, layer.dm, layer.lora_a, layer.lora_b]
+    with torch.enable_grad():
+        fast = layer.forward_widths(x, idx)
+        grads_fast = torch.autograd.grad((fast * probe).sum(), [x, *params])
+        plain = torch.stack([layer(x[u], i) for u, i in enumerate(idx)])
+        grads_plain = torch.autograd.grad((plain * probe).sum(), [x, *params])
+    assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_fast, grads_plain):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())
+    assert grads_fast[4][:, RANKS[2]:].abs().sum() == 0  # lora_b columns beyond the largest rank: no gradient
+
+
+def test_multi_width_mse_matches_one_forward_per_width():
+    from quept_runtime.calibration.blockwise import (block_forward, make_fake_quant, multi_width_mse, quant_lin,
+                                                     rope_tables)
+    from quept_runtime.model import LINEAR_NAMES
+
+    src = tiny_source("qwen2")  # biases on q/k/v
+    args, st = src.args, src.state
+    g = torch.Generator().manual_seed(0)
+    layers = [make_fake_quant(st[f"model.layers.0.{n}.weight"], st.get(f"model.layers.0.{n}.bias"), WIDTHS,
+                              tuple(RANKS[b] for b in WIDTHS), 32, seed=j) for j, n in enumerate(LINEAR_NAMES)]
+    with torch.no_grad():  # trained-looking parameters
+        for m in layers:
+            m.ds.copy_(torch.randn(m.ds.shape, generator=g) * 0.1)
+            m.dm.copy_(torch.randn(m.dm.shape, generator=g) * 0.1)
+            m.lora_b.copy_(torch.randn(m.lora_b.shape, generator=g) * 0.05)
+    norms = (st["model.layers.0.input_layernorm.weight"], st["model.layers.0.post_attention_layernorm.weight"])
+    cos, sin = rope_tables(args, 12)
+    xb = torch.randn(2, 12, args.hidden_size, generator=g)
+    yb = torch.randn(2, 12, args.hidden_size, generator=g)
+    wi, scale = [1, 3, 4, 5], torch.tensor([0.5, 2.0, 1.0, 3.0])  # a width per group, per-group normalisation
+    params = [p for m in layers for p in (m.ds, m.dm, m.lora_a, m.lora_b)]
+    with torch.enable_grad():
+        fast = multi_width_mse(layers, xb, yb, wi, norms, args, cos, sin)
+        grads_fast = torch.autograd.grad((fast * scale).sum(), params)
+        plain = torch.stack([torch.nn.functional.mse_loss(block_forward(xb, quant_lin(layers, i), norms, args, cos, sin),
+                                                          yb) for i in wi])
+        grads_plain = torch.autograd.grad((plain * scale).sum(), params)
+    assert torch.allclose(fast, plain, rtol=1e-5)
+    for a, b in zip(grads_fast, grads_plain):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * float(b.abs().max())), float((a - b).abs().max())
