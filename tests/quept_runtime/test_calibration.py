@@ -14,6 +14,7 @@ from quept_runtime.calibration.driver import calibrate_checkpoint, calibrate_lay
 from quept_runtime.calibration.master_codes import master_code_search, reconstruction_mse
 from quept_runtime.calibration.sensitivity import effective_weight
 from quept_runtime.calibration.tome import mb_tome
+from quept_runtime.model import linear_names
 from quept_runtime.quantizer import quantize_nested
 from tests.tiny import tiny_source
 
@@ -195,3 +196,50 @@ def test_multi_width_mse_matches_one_forward_per_width():
     assert torch.allclose(fast, plain, rtol=1e-5)
     for a, b in zip(grads_fast, grads_plain):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * float(b.abs().max())), float((a - b).abs().max())
+
+
+def _tiny_elastic(src, seed: int = 0) -> dict:
+    from quept_runtime.builder import quantize_linear, split_state
+
+    g = torch.Generator().manual_seed(seed)
+    elastic = {}
+    for name, (w, b) in split_state(src)[1].items():
+        e = quantize_linear(w, b, WIDTHS, 32, RANKS)
+        e.lora_a.copy_(torch.randn(e.lora_a.shape, generator=g) * 0.05)  # non-zero adapters
+        e.lora_b.copy_(torch.randn(e.lora_b.shape, generator=g) * 0.05)
+        elastic[name] = e
+    return elastic
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_batched_kl_sensitivity_matches_plain(model_type):
+    from quept_runtime.calibration.sensitivity import kl_sensitivity, kl_sensitivity_plain
+
+    src = tiny_source(model_type)
+    elastic = _tiny_elastic(src)
+    tokens = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(1))
+    seen = []
+    fast = torch.tensor(kl_sensitivity(src.args, src.state, elastic, tokens, WIDTHS, progress=False,
+                                       on_linear=seen.append, logit_rows=50), dtype=torch.float64)  # several chunks
+    plain = torch.tensor(kl_sensitivity_plain(src.args, src.state, elastic, tokens, WIDTHS, progress=False),
+                         dtype=torch.float64)
+    assert fast.shape == plain.shape == (7 * src.args.n_layers + 1, len(WIDTHS))
+    assert seen == linear_names(src.args.n_layers)
+    # the plain table's own fp32 rounding is ~1e-7 absolute (two log-softmaxes of size ~10 subtracted)
+    assert torch.allclose(fast, plain, rtol=2e-3, atol=5e-7), float((fast - plain).abs().max())
+    assert (fast[:, 1:] > 0).all()
+
+
+def test_kl_rows_matches_float64_log_softmax_and_survives_overflow():
+    from quept_runtime.calibration.sensitivity import _kl_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 300, generator=g, dtype=torch.float64) * 3
+    p = torch.softmax(logits, -1)
+    for size in (1e-4, 1e-2, 1.0, 5.0):
+        delta = torch.randn(2, 5, 300, generator=g, dtype=torch.float64) * size
+        delta[1, 2, 7] = 150.0 if size == 5.0 else delta[1, 2, 7]  # exp(150) overflows fp32
+        truth = (p * (torch.log_softmax(logits, -1) - torch.log_softmax(logits + delta, -1))).sum(-1)  # [2, 5]
+        got = _kl_rows(p.float(), delta.float().clone()).double()
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, truth, rtol=1e-4, atol=1e-9), (size, float((got - truth).abs().max()))
