@@ -35,22 +35,37 @@ def fit_affine(
     Degenerate groups (all codes equal) keep `prev_scale` (or 1) and fit the offset only.
     """
     n, k = w.shape
-    g = k // group_size
-    wg = w.float().view(n, g, group_size)  # [N, K/G, G]
-    qg = q.float().view(n, g, group_size)
-    h = torch.ones(g, group_size) if col_weight is None else col_weight.float().view(g, group_size)  # [K/G, G]
-    sw = h.sum(-1)  # [K/G]
-    sq = (h * qg).sum(-1)  # [N, K/G]
-    sqq = (h * qg * qg).sum(-1)
-    sy = (h * wg).sum(-1)
-    sqy = (h * qg * wg).sum(-1)
-    det = sw * sqq - sq * sq
-    ok = det > 1e-6 * (sw * sqq).clamp_min(_EPS)
-    s = torch.where(ok, (sw * sqy - sq * sy) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
-    fallback = torch.ones_like(s) if prev_scale is None else prev_scale.float()
-    s = torch.where(ok & (s > 0), s, fallback)
-    m = (sy - s * sq) / sw
-    return s, m
+    fit = _GroupFit(w, group_size, col_weight)
+    return fit(q.float().view(n, k // group_size, group_size), prev_scale)
+
+
+class _GroupFit:
+    """`fit_affine` for one w and col_weight and any number of code sets: the terms that do not depend on the
+    codes (sum h, sum h w) are computed once, and the products with the codes reduce in batched dot products
+    (no [N, K] temporaries beyond h * q)."""
+
+    def __init__(self, w: torch.Tensor, group_size: int, col_weight: torch.Tensor | None) -> None:
+        n, k = w.shape
+        g = k // group_size
+        self.wg = w.float().view(n, g, group_size)  # [N, K/G, G]
+        self.h = torch.ones(g, group_size) if col_weight is None else col_weight.float().view(g, group_size)  # [K/G, G]
+        self.sw = self.h.sum(-1)  # [K/G]
+        self.sy = (self.h * self.wg).sum(-1)  # [N, K/G]
+
+    def __call__(self, qg: torch.Tensor, prev_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """qg: fp32 codes [N, K/G, G] -> s, m [N, K/G]."""
+        sw, sy = self.sw, self.sy
+        hq = self.h * qg  # [N, K/G, G]
+        sq = hq.sum(-1)  # [N, K/G]
+        sqq = torch.einsum("ngk,ngk->ng", hq, qg)
+        sqy = torch.einsum("ngk,ngk->ng", hq, self.wg)
+        det = sw * sqq - sq * sq
+        ok = det > 1e-6 * (sw * sqq).clamp_min(_EPS)
+        s = torch.where(ok, (sw * sqy - sq * sy) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
+        fallback = torch.ones_like(s) if prev_scale is None else prev_scale.float()
+        s = torch.where(ok & (s > 0), s, fallback)
+        m = (sy - s * sq) / sw
+        return s, m
 
 
 def search_codes(
@@ -102,11 +117,12 @@ def fit_all_affines(
     col_weight: torch.Tensor | None = None, prev_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares affine of every width for fixed codes: scales, mins [W, N, K/G]."""
-    c = codes.to(torch.int64)
+    n, k = codes.shape
+    fit = _GroupFit(w, group_size, col_weight)
     ss, ms = [], []
     for i, b in enumerate(widths):
-        s, m = fit_affine(w, (c >> (8 - b)).float(), group_size, col_weight,
-                          None if prev_scales is None else prev_scales[i])
+        q = (codes >> (8 - b)).float().view(n, k // group_size, group_size)  # uint8 shift: no int64 copy
+        s, m = fit(q, None if prev_scales is None else prev_scales[i])
         ss.append(s)
         ms.append(m)
     return torch.stack(ss), torch.stack(ms)

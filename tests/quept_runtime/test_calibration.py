@@ -243,3 +243,31 @@ def test_kl_rows_matches_float64_log_softmax_and_survives_overflow():
         got = _kl_rows(p.float(), delta.float().clone()).double()
         assert torch.isfinite(got).all()
         assert torch.allclose(got, truth, rtol=1e-4, atol=1e-9), (size, float((got - truth).abs().max()))
+
+
+def test_fit_all_affines_is_the_weighted_least_squares_fit():
+    from quept_runtime.calibration.master_codes import fit_affine, fit_all_affines
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 64, generator=g) * 0.05
+    codes = quantize_nested(w, WIDTHS, 32)[0]
+    codes[1] = torch.randint(0, 256, (64,), generator=g, dtype=torch.uint8)  # codes unrelated to w: some slopes <= 0
+    codes[2, 32:] = 77  # a degenerate group: one code at every width
+    h = torch.rand(64, generator=g) + 0.1
+    prev = torch.full((len(WIDTHS), 6, 2), 0.5)
+    scales, mins = fit_all_affines(w, codes, WIDTHS, 32, h, prev)
+    for i, b in enumerate(WIDTHS):
+        q = (codes.long() >> (8 - b)).double()
+        s1, m1 = fit_affine(w, q.float(), 32, h, prev[i])
+        assert torch.equal(s1, scales[i]) and torch.equal(m1, mins[i])
+        for n in range(6):
+            for grp in range(2):
+                cols = slice(32 * grp, 32 * grp + 32)
+                x, y, wt = q[n, cols], w[n, cols].double(), h[cols].double()
+                s_ref = 0.5  # degenerate groups and slopes <= 0 keep prev_scale and fit the offset only
+                if x.min() < x.max():  # weighted line fit in float64
+                    xm, ym = (wt * x).sum() / wt.sum(), (wt * y).sum() / wt.sum()
+                    s_ref = max(float((wt * (x - xm) * (y - ym)).sum() / (wt * (x - xm) ** 2).sum()), 0) or 0.5
+                m_ref = float((wt * (y - s_ref * x)).sum() / wt.sum())
+                assert abs(float(scales[i, n, grp]) - s_ref) <= 1e-4 * abs(s_ref) + 1e-9, (b, n, grp)
+                assert abs(float(mins[i, n, grp]) - m_ref) <= 1e-4 * abs(m_ref) + 1e-6, (b, n, grp)
