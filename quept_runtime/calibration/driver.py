@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ def calibrate_layers(
         biases = [st.get(f"{n}.bias") for n in names]
         norms = (st[f"model.layers.{i}.input_layernorm.weight"].float(),
                  st[f"model.layers.{i}.post_attention_layernorm.weight"].float())
+        t_block = time.perf_counter()
         bar.set_description(f"block {i + 1}/{args.n_layers} search")
         col = block_col_weights(x_q, dense_w, biases, norms, args, cos, sin)
         block = [make_fake_quant(w, b, widths, rank_t, group_size, c, cfg.codes, cfg.search_importance,
@@ -99,6 +101,7 @@ def calibrate_layers(
                 record[f"mse_w{widths[k]}"] = float(((y - y_fp) ** 2).mean())
         x_q, frac = mb_tome(x_q, y_hi, y_lows, cfg.tome_threshold, cfg.tome_max_mix)
         record["tome_mixed_fraction"] = round(frac, 4)
+        record["seconds"] = round(time.perf_counter() - t_block, 2)
         x_fp = y_fp
         losses.append(record)
         log.debug("block %d: %s", i, record)
@@ -113,6 +116,13 @@ def calibrate_layers(
         layers["lm_head"].round_to_storage()
     ordered = {n: layers[n] for n in linear_names(args.n_layers)}
     return BlockwiseResult(ordered, losses, time.perf_counter() - t0)
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        return None
 
 
 def adapter_overhead(elastic: dict[str, ElasticWeights]) -> dict[str, Any]:
@@ -173,6 +183,7 @@ def calibrate_checkpoint(
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
+    load_start = _load_average()
     dense, linears = split_state(source)
     for name, (w, _) in linears.items():
         check_group_size(w.shape[1], group_size, name)
@@ -215,6 +226,9 @@ def calibrate_checkpoint(
             "seconds_by_stage": {"blockwise": round(result.seconds, 1), "sensitivity": round(sens_seconds, 1),
                                  "heldout_ppl": round(time.perf_counter() - t_ppl, 1)},
             "threads": cfg.threads,
+            # a slow run on a shared machine: was something else running? (1-minute load average, this process
+            # included, and CPUs)
+            "machine": {"cpus": os.cpu_count(), "load_average_start": load_start, "load_average_end": _load_average()},
             "heldout": {"file": str(calib_file), "windows": cfg.ppl_windows, "seq_len": cfg.ppl_seq_len,
                         "where": "last tokens of the file (disjoint from the calibration samples)",
                         "unquantized_ppl": fp_ppl},

@@ -101,8 +101,10 @@ def test_checkpoint_reloads_bit_identical(calibrated: Path):
 def test_calibration_record_and_profiles(calibrated: Path):
     meta = json.loads((calibrated / "elastic.json").read_text())
     rec = meta["calibration"]
-    for key in ("data", "samples", "seq_len", "seconds", "perplexity", "memory"):
+    for key in ("data", "samples", "seq_len", "seconds", "perplexity", "memory", "machine"):
         assert key in rec
+    assert rec["machine"]["cpus"] >= 1
+    assert all(block["seconds"] > 0 for block in rec["blocks"])
     assert set(rec["perplexity"]) >= {f"w{b}" for b in WIDTHS}
     assert rec["memory"]["codes_bytes"] > 0 and rec["memory"]["adapter_bytes"] > 0
     assert len(meta["profiles"]) == 7
