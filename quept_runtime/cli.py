@@ -45,6 +45,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     b.add_argument("--samples", type=int, default=16, help="calibration sequences (with --calibrate)")
     b.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (with --calibrate)")
     b.add_argument("--epochs", type=int, default=1, help="passes over the samples per block (with --calibrate)")
+    b.add_argument("--threads", type=int, default=0,
+                   help="torch threads for calibration (0: one per core; 1 can be faster on a busy, shared machine)")
 
     g = sub.add_parser("generate", help="generate a completion for one prompt")
     g.add_argument("prompt", help="user prompt (the chat template is applied when the model has one)")
@@ -83,7 +85,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if getattr(args, "calibrate", False):
         from quept_runtime.calibration import CalibConfig, calibrate_checkpoint
 
-        cfg = CalibConfig(calib_file=args.calib_file, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs)
+        cfg = CalibConfig(calib_file=args.calib_file, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs,
+                          threads=args.threads)
         path = calibrate_checkpoint(source, args.out, args.widths, args.group_size, ranks, cfg, overwrite=args.overwrite)
         print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
         return 0

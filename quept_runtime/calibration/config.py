@@ -14,8 +14,8 @@ DEFAULT_WIDTH_GROUPS: tuple[tuple[int, ...], ...] = ((8, 6), (5, 4), (3,), (2,))
 class CalibConfig:
     """How `quept build --calibrate` calibrates.
 
-    The defaults take about 7 minutes for the 135M default model on one core of the 2-core development
-    machine (per-block and per-stage timings, extrapolated; most of it matmul flops)."""
+    The defaults take minutes for the 135M default model on the 2-core development machine (the measured
+    run is in benchmarks/results/quality_calibrated.json; most of it matmul flops)."""
 
     calib_file: Path | None = None
     """text file the calibration samples come from (default ../shared/data/wikitext-2/valid.txt)"""
@@ -54,11 +54,9 @@ class CalibConfig:
     ppl_seq_len: int = 512
     """tokens per held-out window"""
     seed: int = 0
-    threads: int = 1
-    """torch threads. 1 by default: the 2-core machine this is built on is shared, and there a multi-threaded
-    torch op waits for whichever of its threads the scheduler has parked (every op, ~10^5 per block), while
-    one thread degrades only with its share of a core and leaves the other core to the other work. The
-    timings in the class docstring are 1-thread timings; on two idle cores 2 threads may be faster."""
+    threads: int = 0
+    """torch threads (0: torch's default, one per core). On a shared machine 1 can be faster: there a
+    multi-threaded torch op waits for whichever of its threads the scheduler has parked, every op."""
     progress: bool = True
 
     def record(self) -> dict[str, Any]:

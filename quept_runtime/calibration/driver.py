@@ -180,7 +180,8 @@ def calibrate_checkpoint(
     choice = resolve_group_size(source, group_size)
     group_size = choice.group_size
     log.info("%s", choice.note)
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     load_start = _load_average()
@@ -225,7 +226,7 @@ def calibrate_checkpoint(
             "seconds": round(time.perf_counter() - t_start, 1),
             "seconds_by_stage": {"blockwise": round(result.seconds, 1), "sensitivity": round(sens_seconds, 1),
                                  "heldout_ppl": round(time.perf_counter() - t_ppl, 1)},
-            "threads": cfg.threads,
+            "threads": torch.get_num_threads(),
             # a slow run on a shared machine: was something else running? (1-minute load average, this process
             # included, and CPUs)
             "machine": {"cpus": os.cpu_count(), "load_average_start": load_start, "load_average_end": _load_average()},
