@@ -315,9 +315,39 @@ def _train_block(
             if on_step is not None:
                 on_step(epoch, step_loss)
         history.append(total / max(steps, 1))
+    keep_better_unadapted_affines(layers, x_q, y_fp, widths, norms, args, cos, sin)
     for m in layers:
         m.round_to_storage()
     return history
+
+
+@torch.no_grad()
+def keep_better_unadapted_affines(
+    layers: Sequence[FakeQuantLinear], x_q: torch.Tensor, y_fp: torch.Tensor, widths: Sequence[int],
+    norms: tuple[torch.Tensor, torch.Tensor], args: ModelArgs, cos: torch.Tensor, sin: torch.Tensor,
+) -> list[int]:
+    """A width without adapters keeps its least-squares affines (ds = dm = 0) where training made the
+    block's output at that width worse; returns the widths restored.
+
+    Training normalises each width's loss by its first value: where the least-squares fit is already
+    exact (w8 on the groups of a Q4_1 source, loss ~1e-12) that turns rounding noise into unit-size
+    gradients, and Adam walks the affines off the exact fit (block error 1e-12 -> 1e-6)."""
+    restored = []
+    for i, b in enumerate(widths):
+        if any(m.ranks[i] for m in layers):
+            continue
+        trained = float(multi_width_mse(layers, x_q, y_fp, [i], norms, args, cos, sin)[0])
+        saved = [(m.ds[i].clone(), m.dm[i].clone()) for m in layers]
+        for m in layers:
+            m.ds[i].zero_()
+            m.dm[i].zero_()
+        if float(multi_width_mse(layers, x_q, y_fp, [i], norms, args, cos, sin)[0]) <= trained:
+            restored.append(b)
+            continue
+        for m, (ds, dm) in zip(layers, saved):
+            m.ds[i].copy_(ds)
+            m.dm[i].copy_(dm)
+    return restored
 
 
 @torch.no_grad()

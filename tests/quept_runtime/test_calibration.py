@@ -200,6 +200,43 @@ def test_multi_width_mse_matches_one_forward_per_width():
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * float(b.abs().max())), float((a - b).abs().max())
 
 
+def test_unadapted_width_keeps_the_better_of_trained_and_least_squares_affines():
+    """A width without adapters (w8) whose trained affines make the block worse returns to its
+    least-squares fit (ds = dm = 0); one that training improved keeps its trained affines; widths
+    with adapters are left alone."""
+    from quept_runtime.calibration.blockwise import (block_forward, keep_better_unadapted_affines, make_fake_quant,
+                                                     quant_lin, rope_tables)
+    from quept_runtime.model import LINEAR_NAMES
+
+    src = tiny_source("llama")
+    args, st = src.args, src.state
+    ranks = tuple(RANKS[b] for b in WIDTHS)
+    assert ranks[0] == 0 and all(ranks[1:])  # w8 alone has no adapter
+    layers = [make_fake_quant(st[f"model.layers.0.{n}.weight"], st.get(f"model.layers.0.{n}.bias"), WIDTHS, ranks,
+                              32, seed=j) for j, n in enumerate(LINEAR_NAMES)]
+    norms = (st["model.layers.0.input_layernorm.weight"], st["model.layers.0.post_attention_layernorm.weight"])
+    cos, sin = rope_tables(args, 12)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 12, args.hidden_size, generator=g)
+    with torch.no_grad():
+        target = block_forward(x, quant_lin(layers, 0), norms, args, cos, sin)  # the LS fit is exact at w8
+        for m in layers:  # "training" walked every width off its fit
+            m.ds.add_(torch.randn(m.ds.shape, generator=g) * 0.05)
+            m.dm.add_(torch.randn(m.dm.shape, generator=g) * 0.05)
+    walked = [m.ds.detach().clone() for m in layers]
+    assert keep_better_unadapted_affines(layers, x, target, WIDTHS, norms, args, cos, sin) == [8]
+    for m, before in zip(layers, walked):
+        assert m.ds[0].abs().sum() == 0 and m.dm[0].abs().sum() == 0  # w8 back on the least-squares fit
+        assert torch.equal(m.ds[1:], before[1:])  # widths with adapters untouched
+    # a w8 that training improved stays: make the restored (LS) fit the worse one against a new target
+    with torch.no_grad():
+        for m in layers:
+            m.ds[0].fill_(0.01)
+        better = block_forward(x, quant_lin(layers, 0), norms, args, cos, sin)
+    assert keep_better_unadapted_affines(layers, x, better, WIDTHS, norms, args, cos, sin) == []
+    assert all(float(m.ds[0].detach().abs().max()) == pytest.approx(0.01) for m in layers)
+
+
 def _tiny_elastic(src, seed: int = 0) -> dict:
     from quept_runtime.builder import quantize_linear, split_state
 
