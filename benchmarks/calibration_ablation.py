@@ -4,10 +4,10 @@ Variants: {nested codes (stored format), independent per-width RTN codes} x {cas
 the default ranks, no adapters (rank 0)}, plus nested search-only (no block-wise training).
 Perplexity on the first windows of test.txt through a dense forward over each width's effective
 weights (deq_b + B[:, :r] A[:r]); the independent variant cannot be stored, so nothing here goes
-through a checkpoint. Reduced budget (see --samples/--seq-len/--windows) so that it fits the CPU.
+through a checkpoint. Group size: the source's quantization block, as `quept build` (32 for the
+default model's Q4_1), or --group-size. Calibration budget: the main run's (16 x 256 tokens).
 
-    python benchmarks/calibration_ablation.py --samples 4 --seq-len 128 --windows 2 \
-        --out benchmarks/results/calibration_ablation
+    python benchmarks/calibration_ablation.py --windows 2 --out benchmarks/results/calibration_ablation
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quept_runtime.builder import DEFAULT_RANKS  # noqa: E402
+from quept_runtime.builder import DEFAULT_RANKS, resolve_group_size  # noqa: E402
 from quept_runtime.calibration import CalibConfig  # noqa: E402
 from quept_runtime.calibration.data import default_calib_file, load_calib_data  # noqa: E402
 from quept_runtime.calibration.driver import calibrate_layers  # noqa: E402
@@ -37,22 +37,26 @@ WIDTHS = (8, 6, 5, 4, 3, 2)
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=CalibConfig.samples)
+    ap.add_argument("--seq-len", type=int, default=CalibConfig.seq_len)
+    ap.add_argument("--group-size", type=int, default=None, help="default: the source's quantization block")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--eval-widths", default="8,4,3,2")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     ap.add_argument("--variants", default="nested+adapters,nested-no-adapters,independent+adapters,"
                                           "independent-no-adapters,nested-search-only")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration_ablation"))
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     src = load_source(None)
+    group_size = resolve_group_size(src, a.group_size).group_size
     data = load_calib_data(src.tokenizer, default_calib_file(), a.samples, a.seq_len, 0, 0, 1)
     windows = token_windows(src.tokenizer, default_eval_file(), a.windows, 512)
     eval_widths = [int(b) for b in a.eval_widths.split(",")]
-    base = CalibConfig(samples=a.samples, seq_len=a.seq_len, epochs=a.epochs, threads=a.threads, progress=False)
+    base = CalibConfig(samples=a.samples, seq_len=a.seq_len, epochs=a.epochs, threads=torch.get_num_threads(),
+                       progress=False)
     zero = {b: 0 for b in WIDTHS}
     specs = {"nested+adapters": (base, DEFAULT_RANKS), "nested-no-adapters": (base, zero),
              "independent+adapters": (replace(base, codes="independent"), DEFAULT_RANKS),
@@ -64,7 +68,7 @@ def main() -> int:
     for name in a.variants.split(","):
         cfg, ranks = specs[name]
         t0 = time.perf_counter()
-        res = calibrate_layers(src, data.samples, WIDTHS, 64, ranks, cfg)
+        res = calibrate_layers(src, data.samples, WIDTHS, group_size, ranks, cfg)
         row = {"calib_seconds": round(time.perf_counter() - t0, 1), "ppl": {}}
         for b in eval_widths:
             i = WIDTHS.index(b)
@@ -78,9 +82,9 @@ def main() -> int:
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps({
             "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
-            "protocol": {"eval": f"first {a.windows} windows of 512 tokens of test.txt", "group_size": 64,
-                         "calibration": f"{a.samples}x{a.seq_len} tokens of valid.txt, {a.epochs} epoch(s) "
-                                        "(reduced budget: the main run uses 16x256)",
+            "protocol": {"eval": f"first {a.windows} windows of 512 tokens of test.txt", "group_size": group_size,
+                         "calibration": f"{a.samples}x{a.seq_len} tokens of valid.txt, {a.epochs} epoch(s)",
+                         "threads": torch.get_num_threads(),
                          "ranks_default": DEFAULT_RANKS},
             "unquantized_ppl": round(fp_ppl, 3), "variants": results}, indent=1))
     lines = ["| variant | " + " | ".join(f"w{b}" for b in eval_widths) + " | calib s |",
@@ -90,8 +94,8 @@ def main() -> int:
                      + f" | {row['calib_seconds']:.0f} |")
     a.out.with_suffix(".md").write_text(
         f"# Calibration ablation\n\nPerplexity, first {a.windows} windows x 512 tokens of wikitext-2 test.txt "
-        f"(unquantized {fp_ppl:.2f}), group 64; calibration {a.samples}x{a.seq_len} tokens of valid.txt, "
-        f"{a.epochs} epoch (reduced budget, CPU).\n\n" + "\n".join(lines) + "\n")
+        f"(unquantized {fp_ppl:.2f}), group {group_size}; calibration {a.samples}x{a.seq_len} tokens of valid.txt, "
+        f"{a.epochs} epoch; `{' '.join(sys.argv)}`.\n\n" + "\n".join(lines) + "\n")
     return 0
 
 

@@ -1,13 +1,14 @@
 """Merge the calibrated evaluation with the uncalibrated baselines into quality_calibrated.json + PNG.
 
-    python -m quept_runtime.cli eval --checkpoint /tmp/ck/smol_cal --windows 8 --baselines none \
+    quept build --calibrate --out /tmp/ck/smol_cal
+    quept eval --checkpoint /tmp/ck/smol_cal --windows 8 --baselines none \
         --precision w8,w6,w5,w4,w3,w2,mixed:2.5,mixed:3,mixed:3.5,mixed:4,mixed:4.5,mixed:5,mixed:6 \
         --json /tmp/cal_eval.json
-    python -m quept_runtime.cli eval --checkpoint /tmp/ck/smol --windows 8 --json /tmp/rtn_eval.json
+    quept build --out /tmp/ck/smol && quept eval --checkpoint /tmp/ck/smol --windows 8 --json /tmp/rtn_eval.json
     python benchmarks/calibration_report.py --calibrated /tmp/cal_eval.json --baselines /tmp/rtn_eval.json \
         --checkpoint /tmp/ck/smol_cal --out benchmarks/results/quality_calibrated.json
 
-Every row uses the same protocol (checked): the first 8 windows of 512 tokens of test.txt, group 64.
+Every row uses the same protocol (checked): the first 8 windows of 512 tokens of test.txt and one group size.
 """
 
 from __future__ import annotations
