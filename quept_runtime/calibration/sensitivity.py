@@ -64,6 +64,29 @@ def _kl_rows(p_fp: torch.Tensor, delta: torch.Tensor, mean_delta: torch.Tensor |
     return kl
 
 
+def _fp_tensors(args: ModelArgs, state: dict[str, torch.Tensor], names: Sequence[str]) -> tuple[
+        dict[str, torch.Tensor], dict[str, torch.Tensor | None], list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The full-precision weights and biases of `names`, each layer's two norms and the final norm."""
+    weights = {n: state[f"{n}.weight"].float() for n in names}
+    biases = {n: state.get(f"{n}.bias") for n in names}
+    norms = [(state[f"model.layers.{i}.input_layernorm.weight"].float(),
+              state[f"model.layers.{i}.post_attention_layernorm.weight"].float()) for i in range(args.n_layers)]
+    return weights, biases, norms, state["model.norm.weight"].float()
+
+
+def _fp_forward(args: ModelArgs, state: dict[str, torch.Tensor], tokens: torch.Tensor,
+                lin: Callable[[int], Callable[[int, torch.Tensor], torch.Tensor]],
+                norms: Sequence[tuple[torch.Tensor, torch.Tensor]], final_norm: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Full-precision forward of tokens [T]: every block's input [1, T, D] and the final-normed hidden [1, T, D]."""
+    h = state["model.embed_tokens.weight"].index_select(0, tokens).float().unsqueeze(0)  # [1, T, D]
+    inputs = []
+    for i in range(args.n_layers):
+        inputs.append(h)
+        h = block_forward(h, lin(i), norms[i], args, cos, sin)
+    return inputs, rms_norm(h, final_norm, args.rms_norm_eps)
+
+
 @torch.no_grad()
 def kl_sensitivity_plain(
     args: ModelArgs, state: dict[str, torch.Tensor], elastic: dict[str, ElasticWeights], tokens: torch.Tensor,
@@ -73,11 +96,7 @@ def kl_sensitivity_plain(
     names = linear_names(args.n_layers)
     t = tokens.shape[0]
     cos, sin = rope_tables(args, t)
-    weights = {n: state[f"{n}.weight"].float() for n in names}
-    biases = {n: state.get(f"{n}.bias") for n in names}
-    norms = [(state[f"model.layers.{i}.input_layernorm.weight"].float(),
-              state[f"model.layers.{i}.post_attention_layernorm.weight"].float()) for i in range(args.n_layers)]
-    final_norm = state["model.norm.weight"].float()
+    weights, biases, norms, final_norm = _fp_tensors(args, state, names)
 
     def layer_lin(i: int, override: dict[int, torch.Tensor] | None = None) -> Callable[[int, torch.Tensor], torch.Tensor]:
         def lin(j: int, x: torch.Tensor) -> torch.Tensor:
@@ -88,12 +107,7 @@ def kl_sensitivity_plain(
             return F.linear(x, weights[n], biases[n])
         return lin
 
-    h = state["model.embed_tokens.weight"].index_select(0, tokens).float().unsqueeze(0)  # [1, T, D]
-    inputs = []
-    for i in range(args.n_layers):
-        inputs.append(h)
-        h = block_forward(h, layer_lin(i), norms[i], args, cos, sin)
-    h_final = rms_norm(h, final_norm, args.rms_norm_eps)  # [1, T, D]
+    inputs, h_final = _fp_forward(args, state, tokens, layer_lin, norms, final_norm, cos, sin)  # h_final [1, T, D]
     logp_fp = F.log_softmax(F.linear(h_final[0], weights["lm_head"]), dim=-1)  # [T, V]
 
     table: list[list[float]] = []
@@ -131,11 +145,7 @@ def kl_sensitivity(
     n_w, n_lin = len(widths), len(LINEAR_NAMES)
     t = tokens.shape[0]
     cos, sin = rope_tables(args, t)
-    weights = {n: state[f"{n}.weight"].float() for n in names}
-    biases = {n: state.get(f"{n}.bias") for n in names}
-    norms = [(state[f"model.layers.{i}.input_layernorm.weight"].float(),
-              state[f"model.layers.{i}.post_attention_layernorm.weight"].float()) for i in range(args.n_layers)]
-    final_norm = state["model.norm.weight"].float()
+    weights, biases, norms, final_norm = _fp_tensors(args, state, names)
     w_lm = weights["lm_head"]  # [V, D]
 
     def dense_lin(i: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
@@ -155,12 +165,8 @@ def kl_sensitivity(
             return y
         return lin
 
-    h = state["model.embed_tokens.weight"].index_select(0, tokens).float().unsqueeze(0)  # [1, T, D]
-    inputs = []
-    for i in range(args.n_layers):
-        inputs.append(h)
-        h = block_forward(h, dense_lin(i), norms[i], args, cos, sin)
-    h_final = rms_norm(h, final_norm, args.rms_norm_eps)[0]  # [T, D]
+    inputs, h_final = _fp_forward(args, state, tokens, dense_lin, norms, final_norm, cos, sin)
+    h_final = h_final[0]  # [T, D]
     p_fp = F.softmax(F.linear(h_final, w_lm), dim=-1)  # [T, V]
     e_fp = p_fp @ w_lm  # [T, D]: E_p[delta_t] = (h_q,t - h_fp,t) . e_fp,t
 
