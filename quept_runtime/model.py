@@ -182,7 +182,15 @@ class BatchLayout:
 
     write_slots: torch.Tensor  # [T] flat cache slot of each row
     seqs: list[SeqSlice]
-    decode: DecodeGroup | None = None  # the sequences that decode one row, if any
+    tables: list[list[int]]  # each sequence's KV block ids
+    block_size: int
+
+    # Derived on first use, per attention path: layer ops that attend in place read `row_spans`, the
+    # others `decode` (a step builds only what its model's attention reads).
+    @cached_property
+    def decode(self) -> DecodeGroup | None:
+        """The sequences that decode one row, if any."""
+        return decode_group(self.seqs, self.tables, self.block_size)
 
     @cached_property
     def row_spans(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -374,7 +382,7 @@ def build_layout(cache: PagedKVCache, seqs: Sequence[tuple[Any, int]]) -> BatchL
         slices.append(SeqSlice(start, n_new, before, cache.slots(blocks, 0, before + n_new)))
         tables.append(blocks.block_table)
         start += n_new
-    return BatchLayout(torch.cat(writes), slices, decode_group(slices, tables, cache.block_size))
+    return BatchLayout(torch.cat(writes), slices, tables, cache.block_size)
 
 
 def decode_group(slices: Sequence[SeqSlice], tables: Sequence[list[int]], block_size: int) -> DecodeGroup | None:
