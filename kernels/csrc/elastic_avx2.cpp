@@ -314,6 +314,44 @@ void rows_avx2(const float* x, int64_t m0, int64_t m1, const LayerView& L, const
     }
 }
 
+// residual_generic (elastic_common.h) in AVX2, bit-identical to the portable one: the product xq dx
+// rounded to fp32 before the difference (mul then sub, no fma), round half to even, clamp to +-127.
+void residual_avx2(const float* x, int64_t m0, int64_t m1, const LayerView& L, const int8_t* xq, const float* dx,
+                   int8_t* xq2, float* dx2, int32_t* xqsum2) {
+    const int64_t K = L.k;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t m = m0; m < m1; ++m) {
+        for (int64_t c = 0; c < L.n_chunks; ++c) {
+            const int64_t k0 = m * K + c * kChunk;
+            const __m256 d1 = _mm256_set1_ps(dx[m * L.n_chunks + c]);
+            __m256 r[4];
+            __m256 amax = _mm256_setzero_ps();
+            for (int j = 0; j < 4; ++j) {
+                const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(xq + k0 + 8 * j)));
+                __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d1);
+                __asm__("" : "+x"(p));  // keep the rounded product: GCC would contract mul + sub into one fma
+                r[j] = _mm256_sub_ps(_mm256_loadu_ps(x + k0 + 8 * j), p);
+                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, r[j]));
+            }
+            const float d = hmax8(amax) / 127.f;
+            const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+            __m256i iv[4];
+            for (int j = 0; j < 4; ++j) iv[j] = _mm256_cvtps_epi32(_mm256_mul_ps(r[j], id));  // half to even
+            __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+            b = _mm256_permutevar8x32_epi32(b, perm);
+            b = _mm256_max_epi8(b, _mm256_set1_epi8(-127));
+            _mm256_storeu_si256((__m256i*)(xq2 + k0), b);
+            dx2[m * L.n_chunks + c] = d;
+            const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), b), _mm256_set1_epi16(1));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+            xqsum2[m * L.n_chunks + c] = _mm_cvtsi128_si32(s4);
+        }
+    }
+}
+
 }  // namespace quept
 
 #pragma GCC pop_options

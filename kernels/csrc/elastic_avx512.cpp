@@ -149,7 +149,7 @@ void dot_tile(const LayerView& L, const ActView& A, const Segment& seg, const in
 template <int B, bool FUSED, bool REF>
 void dot_rows_ref(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, const uint8_t* qbuf) {
     int64_t mi = 0;
-    if constexpr (!FUSED && !REF) {  // 8 rows: 8 + 8 accumulators and 8 code vectors fit the 32 registers
+    if constexpr (!FUSED) {  // 8 rows: 8 + 8 accumulators and 8 code vectors fit the 32 registers
         for (; mi + 8 <= seg.n_rows; mi += 8) dot_tile<B, 8, FUSED, REF>(L, A, seg, seg.rows + mi, t, qbuf);
     }
     for (; mi + 4 <= seg.n_rows; mi += 4) dot_tile<B, 4, FUSED, REF>(L, A, seg, seg.rows + mi, t, qbuf);

@@ -365,9 +365,11 @@ class Layer {
 
         const int isa = g_isa.load(std::memory_order_relaxed);
         RowsFn rows_fn = rows_generic;
+        ResidualFn residual_fn = residual_generic;
         TilesFn tiles_fn = tiles_generic;
 #if defined(QUEPT_X86)
         if (isa >= kAvx2) rows_fn = rows_avx2;
+        if (isa >= kAvx2) residual_fn = residual_avx2;
         if (isa == kAvx2) tiles_fn = tiles_avx2;
         if (isa == kAvx512) tiles_fn = tiles_avx512;
 #endif
@@ -392,7 +394,7 @@ class Layer {
                 at::parallel_for(0, sg.n_rows, std::max<int64_t>(1, 65536 / K), [&](int64_t i0, int64_t i1) {
                     for (int64_t j = i0; j < i1; ++j) {
                         const int64_t m = sg.rows[j];
-                        residual_rows(xp, m, m + 1, L_, xq, dx, xq2, dx2, xqsum2);
+                        residual_fn(xp, m, m + 1, L_, xq, dx, xq2, dx2, xqsum2);
                     }
                 });
             }
@@ -430,6 +432,42 @@ class Layer {
     LayerView L_{};
 };
 
+// The activation quantization of one call on the current ISA path, for tests against
+// kernels/native_ref.py: x [M, K] fp32 -> (xq, dx, xq2, dx2), int8 [M, K] and fp32 [M, K/32]; the
+// residual term (xq2, dx2) is what refined (width-8) rows carry.
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x_in) {
+    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat && x_in.size(1) % kChunk == 0,
+                "x must be float32 [M, K] with K a multiple of 32, got ", x_in.scalar_type(), " ", x_in.sizes());
+    const auto x = x_in.contiguous();
+    const int64_t M = x.size(0), K = x.size(1);
+    LayerView L{};
+    L.k = K;
+    L.n_chunks = L.n_groups = K / kChunk;
+    L.group_size = kChunk;
+    L.rank_max = 1;
+    auto xq = torch::empty({M, K}, torch::kInt8), xq2 = torch::empty({M, K}, torch::kInt8);
+    auto dx = torch::empty({M, L.n_chunks}, torch::kFloat), dx2 = torch::empty({M, L.n_chunks}, torch::kFloat);
+    auto qs = torch::empty({M, L.n_chunks}, torch::kInt32), qs2 = torch::empty({M, L.n_chunks}, torch::kInt32);
+    auto xsum = torch::empty({M, L.n_groups}, torch::kFloat), u = torch::empty({M, 1}, torch::kFloat);
+    std::vector<int32_t> row_rank((size_t)M, 0);
+    RowsFn rows_fn = rows_generic;
+    ResidualFn residual_fn = residual_generic;
+#if defined(QUEPT_X86)
+    if (g_isa.load() >= kAvx2) {
+        rows_fn = rows_avx2;
+        residual_fn = residual_avx2;
+    }
+#endif
+    rows_fn(x.data_ptr<float>(), 0, M, L, row_rank.data(), xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
+            qs.data_ptr<int32_t>(), xsum.data_ptr<float>(), u.data_ptr<float>());
+    residual_fn(x.data_ptr<float>(), 0, M, L, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xq2.data_ptr<int8_t>(),
+                dx2.data_ptr<float>(), qs2.data_ptr<int32_t>());
+    TORCH_CHECK(torch::equal(qs, xq.to(torch::kInt32).view({M, L.n_chunks, kChunk}).sum(-1, false, torch::kInt32)) &&
+                    torch::equal(qs2, xq2.to(torch::kInt32).view({M, L.n_chunks, kChunk}).sum(-1, false, torch::kInt32)),
+                "chunk sums disagree with the quantized activations");
+    return {xq, dx, xq2, dx2};
+}
+
 }  // namespace
 }  // namespace quept
 
@@ -464,6 +502,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("set_w8_refine", &quept::set_w8_refine, py::arg("on"),
           "Width-8 rows take two-term (about 15-bit) activations (default on); off: one int8 term like every width");
     m.def("w8_refine", &quept::w8_refine);
+    m.def("quantize_activations", &quept::quantize_activations, py::arg("x"),
+          "(xq, dx, xq2, dx2): the int8 activations and their residual term as this ISA path computes them");
     m.def("add_rms_norm", &quept::add_rms_norm, py::arg("h"), py::arg("delta"), py::arg("weight"), py::arg("eps"),
           "h += delta (in place, when given); returns rms_norm(h) * weight");
     m.def("rope_", &quept::rope_, py::arg("x"), py::arg("cos"), py::arg("sin"), "rotary embedding in place (rotate-half)");

@@ -76,8 +76,10 @@ using RowsFn = void (*)(const float* x, int64_t m0, int64_t m1, const LayerView&
 inline int64_t scratch_bytes(int64_t k) { return 2 * 8 * k * 2 + 256; }
 
 // Residual term of rows [m0, m1) (after the rows function): r = x - xq dx, quantized as x is.
-void residual_rows(const float* x, int64_t m0, int64_t m1, const LayerView& L, const int8_t* xq, const float* dx,
-                   int8_t* xq2, float* dx2, int32_t* xqsum2);
+using ResidualFn = void (*)(const float*, int64_t, int64_t, const LayerView&, const int8_t*, const float*, int8_t*,
+                           float*, int32_t*);
+void residual_generic(const float* x, int64_t m0, int64_t m1, const LayerView& L, const int8_t* xq, const float* dx,
+                      int8_t* xq2, float* dx2, int32_t* xqsum2);
 
 void tiles_generic(const LayerView&, const ActView&, const Segment*, int, int64_t, int64_t, uint8_t*);
 void rows_generic(const float*, int64_t, int64_t, const LayerView&, const int32_t*, int8_t*, float*, int32_t*, float*,
@@ -86,6 +88,8 @@ void rows_generic(const float*, int64_t, int64_t, const LayerView&, const int32_
 #define QUEPT_X86 1
 void tiles_avx2(const LayerView&, const ActView&, const Segment*, int, int64_t, int64_t, uint8_t*);
 void rows_avx2(const float*, int64_t, int64_t, const LayerView&, const int32_t*, int8_t*, float*, int32_t*, float*, float*);
+void residual_avx2(const float*, int64_t, int64_t, const LayerView&, const int8_t*, const float*, int8_t*, float*,
+                   int32_t*);
 void tiles_avx512(const LayerView&, const ActView&, const Segment*, int, int64_t, int64_t, uint8_t*);
 #endif
 

@@ -43,8 +43,8 @@ void rows_generic(const float* x, int64_t m0, int64_t m1, const LayerView& L, co
     }
 }
 
-void residual_rows(const float* x, int64_t m0, int64_t m1, const LayerView& L, const int8_t* xq, const float* dx,
-                   int8_t* xq2, float* dx2, int32_t* xqsum2) {
+void residual_generic(const float* x, int64_t m0, int64_t m1, const LayerView& L, const int8_t* xq, const float* dx,
+                      int8_t* xq2, float* dx2, int32_t* xqsum2) {
     const int64_t K = L.k;
     for (int64_t m = m0; m < m1; ++m) {
         for (int64_t c = 0; c < L.n_chunks; ++c) {

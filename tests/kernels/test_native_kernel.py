@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kernels.native import find_compiler
-from kernels.native_ref import elastic_linear_emulated, error_bound, magnitude
+from kernels.native_ref import elastic_linear_emulated, error_bound, magnitude, quantize_activations
 from kernels.reference import elastic_linear_ref
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler: the native kernels cannot be built")
@@ -112,7 +112,7 @@ def check(native, case: Case, x: torch.Tensor, row_bits: torch.Tensor | int) -> 
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_every_width_and_group_size(native, gen, bits: int, group_size: int) -> None:
     case = make_case(gen, n=37, k=group_size * 3, group_size=group_size, ranks=(0, 2, 4, 4, 6, 8))
-    for m in (1, 3, 6):  # decode rows, and more rows than one register block
+    for m in (1, 3, 6, 11):  # decode rows (codes rebuilt in registers), then blocks of 4 and 8 rows
         check(native, case, activations(gen, m, case.codes.shape[1]), bits)
 
 
@@ -221,6 +221,30 @@ def test_planes_hold_b_of_8_bits(native, gen) -> None:
     assert planes.shape == (8, 2, 2, 64) and planes.dtype == torch.uint8
     top = (case.codes >> 7).sum()
     assert int(sum(bin(v).count("1") for v in planes[0].flatten().tolist())) == int(top)
+
+
+@pytest.mark.parametrize("m, k", [(1, 32), (5, 96), (17, 576)])
+def test_activation_quantization_is_exactly_the_contract(native, gen, m: int, k: int) -> None:
+    """Both int8 terms (the residual one is what width-8 rows add) bit for bit as kernels/native_ref.py
+    spells them, on every ISA path: zero chunks, ties at .5 and outlier columns included."""
+    x = activations(gen, m, k)
+    x[0, :32] = 0.0  # a chunk of zeros: dx = 0, every code 0
+    x[-1, -32:] = torch.arange(32) - 15.5  # halves: round half to even after the scaling
+    xq_ref, dx_ref = quantize_activations(x)
+    r = x - xq_ref.float() * dx_ref.repeat_interleave(32, dim=1)
+    xq2_ref, dx2_ref = quantize_activations(r)
+    for isa in native.available_isas():
+        native.set_isa(isa)
+        xq, dx, xq2, dx2 = native.quantize_activations(x)
+        assert torch.equal(xq.int(), xq_ref) and torch.equal(dx, dx_ref), isa
+        assert torch.equal(xq2.int(), xq2_ref) and torch.equal(dx2, dx2_ref), isa
+
+
+def test_activation_quantization_rejects_bad_input(native) -> None:
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        native.quantize_activations(torch.zeros(2, 33))
+    with pytest.raises(RuntimeError, match="float32"):
+        native.quantize_activations(torch.zeros(2, 32, dtype=torch.float64))
 
 
 def test_isa_paths_agree(native, gen) -> None:
