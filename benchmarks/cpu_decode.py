@@ -2,13 +2,19 @@
 `generate` fp32 and llama.cpp (llama-cpp-python) on the very GGUF file the default model comes from.
 
 Same prompt token ids, same thread count, greedy, exactly `--tokens` new tokens (end-of-sequence
-ignored), one measured run each after a short warm-up; every configuration runs in its own
-subprocess, one after another, so each resident memory (RSS) is that configuration's alone.
-`--repeat N` runs the batch-1 configurations in N interleaved rounds and reports each one's median
-(single runs on a shared 2-core machine moved by +-25 % between minutes).
+ignored), after a short warm-up. llama.cpp and Hugging Face each run in their own subprocess; quept
+runs every width in one subprocess, as it serves them: one checkpoint loaded once, no reload between
+widths, so its resident memory (RSS) is that of one process serving all widths.
+
+On a shared 2-core machine single runs moved by +-25 % between minutes, which is more than the step
+from one width to the next (10-15 % fewer bytes per token). So: `--repeat N` rounds, each running
+llama.cpp, quept and Hugging Face back to back; inside a round quept makes `--passes` passes over
+every width, the order reversed every other pass. A width's speed is the median over rounds (of the
+medians of its passes); ratios to llama.cpp and HF are medians of the per-round ratios; the step
+from one width to the next is the median over passes of the ratio of the two within a pass.
 
     pip install llama-cpp-python            # compiles llama.cpp from source (~10 min on 2 cores)
-    python benchmarks/cpu_decode.py --threads 2 --tokens 128 --repeat 3
+    python benchmarks/cpu_decode.py --threads 2 --tokens 128 --repeat 5
 
 Batch 1 decode tokens/s exclude the prefill (time from the first to the last new token). Batch 8
 runs 8 copies of the prompt: quept through the engine (continuous batching, one forward per
@@ -136,8 +142,14 @@ def work_llama(ids: list[int], tokens: int, threads: int) -> dict[str, Any]:
             "system_info": info.decode() if isinstance(info, bytes) else str(info), **rss(), "rss_before_load_mb": base}
 
 
-def work_quept(checkpoint: str, backend: str, bits: int, ids: list[int], tokens: int, threads: int,
-               batch: int, isa: str | None = None) -> dict[str, Any]:
+def work_quept(checkpoint: str, backend: str, widths: list[int], ids: list[int], tokens: int, threads: int,
+               batch: int, passes: int, isa: str | None = None) -> dict[str, Any]:
+    """One process, one loaded checkpoint, every width: as quept serves them (no reload between widths).
+
+    After a warm-up of every width, `passes` passes each decode `tokens` tokens at every width, the
+    order of the widths reversed on every other pass, so that a slow drift of the machine's speed
+    (other tenants) falls on every width alike. Per width: tokens/s of every pass, the RSS after the
+    width's first measured run, and (batch > 1) the engine's batched throughput."""
     import torch
 
     if isa:
@@ -152,26 +164,33 @@ def work_quept(checkpoint: str, backend: str, bits: int, ids: list[int], tokens:
 
     base = rss()["rss_mb"]
     lm = load_model(checkpoint, backend=backend)
-    plan = PrecisionPlan.uniform(bits)
-    generate(lm.model, ids, plan, 4)  # warm-up
-    res = generate(lm.model, ids, plan, tokens)  # no stop ids: exactly `tokens` tokens
-    times = list(res.step_seconds[1:])
-    stamps = [sum(times[:i]) for i in range(len(times) + 1)]
+    for bits in widths:
+        generate(lm.model, ids, PrecisionPlan.uniform(bits), 4)  # warm-up
+    out: dict[str, Any] = {f"w{b}": {"passes_tokens_per_s": [], "passes_tokens_per_s_median_step": []} for b in widths}
+    for p in range(passes):
+        for bits in (widths if p % 2 == 0 else widths[::-1]):
+            res = generate(lm.model, ids, PrecisionPlan.uniform(bits), tokens)  # no stop ids: exactly `tokens`
+            times = list(res.step_seconds[1:])
+            stamps = [sum(times[:i]) for i in range(len(times) + 1)]
+            r = out[f"w{bits}"]
+            r["passes_tokens_per_s"].append(res.decode_tokens_per_second)
+            r["passes_tokens_per_s_median_step"].append(median_rate(stamps))
+            if p == 0:
+                r.update(tokens=len(res.tokens), text_ids=res.tokens[:24], **rss())
     kernel_mb = sum(lm.backend.resident_bytes(lin.prepared) for lin in lm.model.linears) / 2**20
     master_mb = sum(lin.weights.codes.numel() for lin in lm.model.linears) / 2**20
-    result: dict[str, Any] = {
-        "tokens": len(res.tokens), "tokens_per_s": res.decode_tokens_per_second,
-        "tokens_per_s_median": median_rate(stamps),
-        "mean_step_ms": 1e3 * sum(times) / max(len(times), 1), "text_ids": res.tokens[:24],
-        "backend_resident_mb": kernel_mb, "master_codes_mb": master_mb, **rss(), "rss_before_load_mb": base,
-    }
-    if backend == "native":
-        from kernels.native import current_isa
+    for bits in widths:
+        r = out[f"w{bits}"]
+        r.update(tokens_per_s=statistics.median(r["passes_tokens_per_s"]),
+                 tokens_per_s_median=statistics.median(r["passes_tokens_per_s_median_step"]),
+                 backend_resident_mb=kernel_mb, master_codes_mb=master_mb, rss_before_load_mb=base)
+        if backend == "native":
+            from kernels.native import current_isa
 
-        result["isa"] = current_isa()
-    if batch > 1:
-        result.update(engine_batch(lm, bits, ids, tokens, batch))
-    return result
+            r["isa"] = current_isa()
+        if batch > 1:
+            r.update(engine_batch(lm, bits, ids, tokens, batch))
+    return out
 
 
 def work_kernels(checkpoint: str, threads: int, reps: int = 7) -> dict[str, Any]:
@@ -252,6 +271,11 @@ def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return out
 
 
+def widths_of(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The per-width parts ("w8", ...) of a quept worker's result (run_worker adds wall_s beside them)."""
+    return [(k, v) for k, v in result.items() if isinstance(v, dict)]
+
+
 def ensure_checkpoint(path: Path | None) -> Path:
     """The default model's elastic checkpoint: the one given, else built once into the cache (as quept serve)."""
     if path is not None:
@@ -288,12 +312,29 @@ def summarize(res: dict[str, Any], batch: int) -> dict[str, Any]:
                              "hf_fp32": res["hf"].get("tokens_per_s_median"),
                              "llama_cpp_q4_1": res["llama"].get("tokens_per_s_median"),
                              **{f"w{b}": res[f"w{b}"].get("tokens_per_s_median") for b in quept}}}
+    rounds = res.get("rounds", {})
+
+    def paired(a: str, b: str) -> float | None:
+        """Median over rounds of a/b measured in the same round."""
+        xs = [x / y for x, y in zip(rounds.get(a, []), rounds.get(b, [])) if x and y]
+        return statistics.median(xs) if xs else None
+
     if hf:
-        s["ratio_vs_hf"] = {f"w{b}": v / hf for b, v in quept.items()}
+        s["ratio_vs_hf"] = {f"w{b}": paired(f"w{b}", "hf") for b in quept}
     if ll:
-        s["ratio_vs_llama_cpp"] = {f"w{b}": v / ll for b, v in quept.items()}
+        s["ratio_vs_llama_cpp"] = {f"w{b}": paired(f"w{b}", "llama") for b in quept}
     speeds = [quept[b] for b in WIDTHS if b in quept]
     s["monotonic_8_to_2"] = all(a < b for a, b in zip(speeds, speeds[1:]))
+    # Every pass of every round ran all widths back to back: compare neighbours within a pass.
+    passes = {b: [v for rnd in res[f"w{b}"].get("rounds_passes_tokens_per_s", []) for v in rnd] for b in quept}
+    n = min((len(v) for v in passes.values()), default=0)
+    order = [b for b in WIDTHS if b in quept]
+    if n:
+        s["speedup_per_width_step"] = {
+            f"w{hi}->w{lo}": statistics.median(passes[lo][i] / passes[hi][i] for i in range(n))
+            for hi, lo in zip(order, order[1:])}
+        mono = sum(all(passes[lo][i] > passes[hi][i] for hi, lo in zip(order, order[1:])) for i in range(n))
+        s["passes_monotonic"] = f"{mono}/{n}"
     if 8 in quept and 2 in quept:
         s["w2_over_w8"] = quept[2] / quept[8]
     s["targets"] = {
@@ -387,8 +428,11 @@ def main() -> None:
                              "'' to skip")
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-width kernel table")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="batch-1 rounds (HF, llama.cpp, every width, interleaved); each reports the median "
-                             "over rounds, which a shared machine's noise moves far less than one run")
+                        help="batch-1 rounds (llama.cpp, quept at every width, HF, one after another); each "
+                             "reports the median over rounds, and ratios are medians of the per-round ratios")
+    parser.add_argument("--passes", type=int, default=3,
+                        help="passes over every width inside each round's quept process (width order reversed "
+                             "every other pass); a width's round value is the median of its passes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -400,47 +444,45 @@ def main() -> None:
     before = machine()
     res: dict[str, Any] = {}
     common = {"ids": ids, "tokens": args.tokens, "threads": args.threads}
-    jobs: list[tuple[str, dict[str, Any]]] = []
-    if "hf" not in skip:
-        jobs.append(("hf", {"kind": "hf", **common, "batch": args.batch}))
-    if "llama" not in skip:
-        jobs.append(("llama", {"kind": "llama", **common}))
-    for b in WIDTHS:
-        jobs.append((f"w{b}", {"kind": "quept", "checkpoint": str(ckpt), "backend": args.backend, "bits": b,
-                               **common, "batch": args.batch}))
+    quept = {"kind": "quept", "checkpoint": str(ckpt), "backend": args.backend, "widths": list(WIDTHS), **common,
+             "passes": args.passes}
+    # Round r: llama.cpp, quept (every width, one process), Hugging Face; batch 8 in the first round only.
+    # Ratios are taken within a round (paired), so that a slow minute slows both sides of a ratio.
+    rounds: dict[str, list[float]] = {}
+    for rnd in range(max(1, args.repeat)):
+        batch = args.batch if rnd == 0 else 1
+        jobs = [("llama", {"kind": "llama", **common})] if "llama" not in skip else []
+        jobs.append(("quept", {**quept, "batch": batch}))
+        if "hf" not in skip:
+            jobs.append(("hf", {"kind": "hf", **common, "batch": batch}))
+        for name, spec in jobs:
+            r = run_worker(spec, timeout=1800)
+            if "error" in r:
+                print(f"round {rnd + 1} {name}: {r['error'][-400:]}", flush=True)
+                continue
+            parts = widths_of(r) if name == "quept" else [(name, r)]
+            for key, part in parts:
+                res.setdefault(key, part)  # the first round's run: its batch-8 numbers, RSS and text
+                rounds.setdefault(key, []).append(part["tokens_per_s"])
+                if name == "quept":
+                    res[key].setdefault("rounds_passes_tokens_per_s", []).append(part["passes_tokens_per_s"])
+            print(f"round {rnd + 1}: " + ", ".join(f"{k} {v['tokens_per_s']:.1f}" for k, v in parts) + " tok/s",
+                  flush=True)
+    for key, series in rounds.items():
+        res[key]["rounds_tokens_per_s"] = series
+        res[key]["tokens_per_s"] = statistics.median(series)
     if args.also_isa and args.backend == "native":
-        for b in WIDTHS:
-            jobs.append((f"w{b}-{args.also_isa}", {"kind": "quept", "checkpoint": str(ckpt), "backend": "native",
-                                                  "bits": b, **common, "batch": 1, "isa": args.also_isa}))
+        r = run_worker({**quept, "batch": 1, "passes": 1, "isa": args.also_isa}, timeout=1800)
+        for key, part in (widths_of(r) if "error" not in r else []):
+            res[f"{key}-{args.also_isa}"] = part
     if not args.no_kernels and args.backend == "native":
         for t in sorted({1, args.threads}):
-            jobs.append((f"kernels-{t}t", {"kind": "kernels", "checkpoint": str(ckpt), "threads": t}))
-    for name, spec in jobs:
-        res[name] = run_worker(spec, timeout=1200)
-        if name.startswith("kernels"):
+            name = f"kernels-{t}t"
+            res[name] = run_worker({"kind": "kernels", "checkpoint": str(ckpt), "threads": t}, timeout=1200)
             r = res[name]
             print(f"{name}: " + (r["error"][-400:] if "error" in r else ", ".join(
                 f"{k} {v['wall']:.2f} ms" for k, v in r["ms_per_token"].items())), flush=True)
-            continue
-        r = res[name]
-        print(f"{name:>6}: " + (r["error"][-400:] if "error" in r else
-              f"{r['tokens_per_s']:7.1f} tok/s (median step {r.get('tokens_per_s_median', float('nan')):6.1f})"
-              f"  peak RSS {r['peak_rss_mb']:6.0f} MiB" +
-              (f"  batch{args.batch} {r[f'batch{args.batch}_tokens_per_s']:7.1f} tok/s"
-               if f"batch{args.batch}_tokens_per_s" in r else "")), flush=True)
-    batch1 = [(name, spec) for name, spec in jobs if spec["kind"] in ("hf", "llama", "quept") and "-" not in name]
-    for rnd in range(1, args.repeat):
-        for name, spec in batch1:
-            r = run_worker({**spec, "batch": 1} if "batch" in spec else spec, timeout=1200)
-            if "error" in r or "error" in res[name]:
-                print(f"{name:>6}: round {rnd + 1}: " + r.get("error", "")[-400:], flush=True)
-                continue
-            res[name].setdefault("rounds_tokens_per_s", [res[name]["tokens_per_s"]]).append(r["tokens_per_s"])
-            print(f"{name:>6}: round {rnd + 1}: {r['tokens_per_s']:7.1f} tok/s", flush=True)
-    for name, _ in batch1:
-        rounds = res[name].get("rounds_tokens_per_s")
-        if rounds:
-            res[name]["tokens_per_s"] = statistics.median(rounds)
+    res["rounds"] = rounds
     res.setdefault("hf", {})
     res.setdefault("llama", {})
     summary = summarize(res, args.batch)
