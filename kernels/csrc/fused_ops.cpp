@@ -88,7 +88,8 @@ at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
     auto gc = g.contiguous(), uc = u.contiguous();
     auto out = at::empty_like(gc);
 #if defined(__x86_64__) && defined(__GNUC__)
-    const auto fn = isa_level() >= 2 ? silu_mul_avx512 : silu_mul_generic;
+    const int isa = isa_level();
+    const auto fn = isa >= 2 ? silu_mul_avx512 : isa == 1 ? silu_mul_avx2 : silu_mul_generic;
 #else
     const auto fn = silu_mul_generic;
 #endif
@@ -146,7 +147,8 @@ void write_kv(at::Tensor k_flat, at::Tensor v_flat, const at::Tensor& slots, con
 // one row over its whole context; the rows of a prefill chunk share a start and end one slot apart
 // (causal). Query head h reads KV head h / (Hq / Hkv) (grouped-query attention, as Hugging Face's
 // repeat_kv). Returns [R, Hq, Dh]. Work is split over (row, KV head) pairs on torch's intra-op
-// threads; the G query heads of a KV head share each key read (fused_ops.h; AVX-512 in fused_avx512.cpp).
+// threads; the G query heads of a KV head share each key read (fused_ops.h; SIMD paths in fused_avx2.cpp
+// and fused_avx512.cpp).
 namespace {
 
 inline float load1(const float* p) { return *p; }
@@ -231,7 +233,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_flat, const 
     const char* vp = static_cast<const char*>(v_flat.data_ptr());
     float* op = out.data_ptr<float>();
 #if defined(__x86_64__) && defined(__GNUC__)
-    const auto attend = isa_level() >= 2 && Dh % 16 == 0 ? attend_avx512 : attend_generic;
+    const int isa = isa_level();
+    const auto attend = isa >= 2 && Dh % 16 == 0 ? attend_avx512 : isa >= 1 ? attend_avx2 : attend_generic;
 #else
     const auto attend = attend_generic;
 #endif

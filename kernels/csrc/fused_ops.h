@@ -1,6 +1,6 @@
 // The inner loops of the fused layer ops (fused_ops.cpp) that have a SIMD path: decode attention of
-// one (sequence, KV head) pair and SiLU(gate) * up. No torch headers: the AVX-512 file is compiled
-// with target pragmas (see elastic_avx2.cpp).
+// one (sequence, KV head) pair and SiLU(gate) * up. No torch headers: the AVX2 and AVX-512 files are
+// compiled with target pragmas (see elastic_avx2.cpp).
 #pragma once
 
 #include <cstdint>
@@ -27,6 +27,8 @@ void silu_mul_generic(const float* g, const float* u, float* out, int64_t n);
 #if defined(__x86_64__) && defined(__GNUC__)
 void attend_avx512(const AttnTask& t);  // needs Dh % 16 == 0
 void silu_mul_avx512(const float* g, const float* u, float* out, int64_t n);
+void attend_avx2(const AttnTask& t);  // Dh % 8 == 0 and Dh <= 256, else the generic path
+void silu_mul_avx2(const float* g, const float* u, float* out, int64_t n);
 #endif
 
 // The ISA path the native kernels run now (0 generic, 1 AVX2, 2 AVX-512; elastic_binding.cpp).

@@ -98,7 +98,7 @@ def test_write_kv_scatters_and_converts(ops, kv_dtype: torch.dtype, t: int, hkv:
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d,lengths", [(9, 3, 64, [1]), (9, 3, 64, [200]), (4, 4, 16, [17, 1, 40]),
                                                (8, 2, 8, [33, 5]), (9, 3, 64, [7, 130, 64, 1, 99, 16, 3, 250]),
-                                               (20, 2, 32, [19, 3])])
+                                               (20, 2, 32, [19, 3]), (6, 2, 24, [9, 31])])
 def test_paged_attention_of_decoding_rows(ops, isa: str, hq: int, hkv: int, d: int, lengths: list[int],
                                           kv_dtype: torch.dtype) -> None:
     """One row per sequence over its whole context, each context scattered over the cache."""
