@@ -259,12 +259,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_bench.json")
     ap.add_argument("--ready-timeout", type=float, default=1800, help="seconds to wait for /health (first build)")
     args = ap.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # before the run: a bad --out fails in seconds, not minutes
 
     proc, log_path = None, None
     url = args.url
     if url is None:
         log_path = Path(tempfile.mkdtemp(prefix="serve_bench-")) / "server.log"
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(args, port, log_path)

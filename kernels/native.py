@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES: tuple[str, ...] = ("elastic_binding.cpp", "elastic_generic.cpp", "elastic_avx2.cpp", "elastic_avx512.cpp",
                              "fused_ops.cpp", "fused_avx2.cpp", "fused_avx512.cpp")
-HEADERS: tuple[str, ...] = ("elastic_common.h", "fused_ops.h")
+HEADERS: tuple[str, ...] = ("elastic_common.h", "fused_ops.h", "avx2_lanes.h")
 # -fopenmp: at::parallel_for is a header template that only runs threads when compiled with OpenMP
 # (the extension then shares torch's own libgomp, already loaded under the same soname).
 CFLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-fno-math-errno", "-fopenmp")

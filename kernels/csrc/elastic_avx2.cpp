@@ -2,8 +2,9 @@
 //
 // This file is compiled without -mavx2: the code below the `#pragma GCC target` line is the only
 // code built for AVX2, and it is only called after a run-time CPU check (elastic_binding.cpp).
-// Every header is included before the pragma and nothing below it instantiates a library
-// template, so no AVX2 copy of a shared inline function can leak into the rest of the program.
+// Every library header is included before the pragma and nothing below it instantiates a library
+// template, so no AVX2 copy of a shared inline function can leak into the rest of the program (our
+// avx2_lanes.h, included after it on purpose, keeps its functions in an anonymous namespace).
 #include <immintrin.h>
 
 #include <cstdint>
@@ -15,24 +16,12 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
+#include "avx2_lanes.h"  // after the pragma: its functions are compiled for AVX2 (see the header)
+
 namespace quept {
 namespace {
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-inline float hmax8(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 // prefetcht0 by hand: GCC 12 drops _mm_prefetch / __builtin_prefetch inside `#pragma GCC target` code.
 inline void prefetch(const void* p) { __asm__ __volatile__("prefetcht0 (%0)" : : "r"(p)); }
@@ -42,8 +31,6 @@ inline void prefetch_adapter(const LayerView& L, const Segment& seg, int64_t t) 
     const char* lb = (const char*)(L.lora_b + t * L.rank_max * kTileRows);
     for (int64_t off = 0; off < seg.rank * kTileRows * 2; off += 64) prefetch(lb + off);
 }
-
-inline __m256 load_half8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 
 // The 8 code vectors of chunk c at width B, half-tile base `base`: byte r*4+j of vector i is the
 // code of row r, column c*32 + 4i + j.

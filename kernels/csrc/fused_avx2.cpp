@@ -16,43 +16,23 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
+#include "avx2_lanes.h"  // after the pragma: its functions are compiled for AVX2 (see the header)
+
 namespace quept {
 namespace {
 
-constexpr int kMaxG = 8;       // query heads per KV head per pass (the output accumulators)
 constexpr int kMaxDh = 256;    // head dims up to this take the SIMD path
 
-// exp(x) for x <= 88, 0 below -87.3 (clamped), as exp_ps in fused_avx512.cpp.
+// exp(x) (fused_ops.h): 0 below kExpLo; 2^n built in the exponent bits, n in [-126, 127].
 inline __m256 exp_ps(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLo)), _mm256_set1_ps(kExpHi));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x));
+    __m256 p = _mm256_set1_ps(kExpPoly[0]);
+    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    // 2^n for n in [-126, 127] (x is clamped): the biased exponent n + 127 in bits 23..30
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-inline float hmax8(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 // The sums of the 8 lanes of a, b, c and d.
@@ -62,7 +42,7 @@ inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
 }
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline __m256 load8(const uint16_t* p) { return load_half8(p); }
 
 // Lanes [0, n) set, n in 0..8 (a maskload/maskstore mask).
 inline __m256i lanes(int64_t n) {
@@ -74,7 +54,7 @@ void attend(const AttnTask& t) {
     const KV* k = static_cast<const KV*>(t.k);
     const KV* v = static_cast<const KV*>(t.v);
     const int64_t L = t.L, G = t.G, Dh = t.Dh;
-    alignas(32) float qs[kMaxG * kMaxDh];  // the scaled queries [G][Dh]
+    alignas(32) float qs[kAttnMaxG * kMaxDh];  // the scaled queries [G][Dh]
     for (int64_t i = 0; i < G * Dh; i += 8) _mm256_store_ps(qs + i, _mm256_mul_ps(load8(t.q + i), _mm256_set1_ps(t.scale)));
     // scores[g][l] = q_g . k_l, four keys at a time (one reduction for four sums)
     int64_t l4 = 0;
@@ -129,7 +109,7 @@ void attend(const AttnTask& t) {
     }
     // out[g][d0 : d0 + 8] = sum_l w[g][l] v_l[d0 : d0 + 8], one 8-column slice at a time
     for (int64_t d0 = 0; d0 < Dh; d0 += 8) {
-        __m256 o[kMaxG];
+        __m256 o[kAttnMaxG];
         for (int64_t g = 0; g < G; ++g) o[g] = _mm256_setzero_ps();
         for (int64_t l = 0; l < L; ++l) {
             const __m256 vv = load8(v + t.slots[l] * t.row_stride + d0);
@@ -161,16 +141,6 @@ void silu_mul_avx2(const float* g, const float* u, float* out, int64_t n) {
 void attend_avx2(const AttnTask& t) {
     if (t.Dh % 8 || t.Dh > kMaxDh) {
         attend_generic(t);
-        return;
-    }
-    if (t.G > kMaxG) {  // more query heads per KV head than one pass holds: in groups of kMaxG
-        for (int64_t g0 = 0; g0 < t.G; g0 += kMaxG) {
-            AttnTask part = t;
-            part.G = t.G - g0 < kMaxG ? t.G - g0 : kMaxG;
-            part.q = t.q + g0 * t.Dh;
-            part.out = t.out + g0 * t.Dh;
-            attend_avx2(part);
-        }
         return;
     }
     if (t.half) {

@@ -16,21 +16,15 @@
 namespace quept {
 namespace {
 
-constexpr int kMaxG = 8;     // query heads per KV head held in registers
 
-// exp(x) for x <= 88: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2 (0 below -87.3, the fp32 range).
+// exp(x) (fused_ops.h): 0 below kExpLo.
 inline __m512 exp_ps(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kExpLo)), _mm512_set1_ps(kExpHi));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x));
+    __m512 p = _mm512_set1_ps(kExpPoly[0]);
+    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
     return _mm512_scalef_ps(p, n);
 }
@@ -56,7 +50,7 @@ void attend(const AttnTask& t) {
     const KV* k = static_cast<const KV*>(t.k);
     const KV* v = static_cast<const KV*>(t.v);
     const int64_t L = t.L, G = t.G;
-    __m512 q[kMaxG][NV];
+    __m512 q[kAttnMaxG][NV];
     for (int64_t g = 0; g < G; ++g) {
         for (int i = 0; i < NV; ++i) q[g][i] = _mm512_mul_ps(_mm512_loadu_ps(t.q + g * NV * 16 + i * 16), _mm512_set1_ps(t.scale));
     }
@@ -112,7 +106,7 @@ void attend(const AttnTask& t) {
         if (tail) _mm512_mask_storeu_ps(s + l, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, s + l), inv));
     }
     // out[g] = sum_l w[g][l] v_l
-    __m512 o[kMaxG][NV];
+    __m512 o[kAttnMaxG][NV];
     for (int64_t g = 0; g < G; ++g) {
         for (int i = 0; i < NV; ++i) o[g][i] = _mm512_setzero_ps();
     }
@@ -165,16 +159,6 @@ void silu_mul_avx512(const float* g, const float* u, float* out, int64_t n) {
 }
 
 void attend_avx512(const AttnTask& t) {
-    if (t.G > kMaxG) {  // more query heads per KV head than registers hold: in register-sized groups
-        for (int64_t g0 = 0; g0 < t.G; g0 += kMaxG) {
-            AttnTask part = t;
-            part.G = t.G - g0 < kMaxG ? t.G - g0 : kMaxG;
-            part.q = t.q + g0 * t.Dh;
-            part.out = t.out + g0 * t.Dh;
-            attend_avx512(part);
-        }
-        return;
-    }
     if (t.half) {
         attend_dh<uint16_t>(t);
     } else {

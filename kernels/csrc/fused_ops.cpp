@@ -241,13 +241,16 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_flat, const 
     const int64_t work_per_task = max_len * G * Dh * 2;
     at::parallel_for(0, B * Hkv, std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_task, 1)),
                      [&](int64_t i0, int64_t i1) {
-        std::vector<float> scores((size_t)(G * max_len));
+        std::vector<float> scores((size_t)(std::min(kAttnMaxG, G) * max_len));
         for (int64_t i = i0; i < i1; ++i) {
             const int64_t b = i / Hkv, j = i % Hkv;
-            AttnTask t{qp + (b * Hq + j * G) * Dh, kp + j * Dh * esize, vp + j * Dh * esize, sl + st[b],
-                       en[b] - st[b], G, Dh, Hkv * Dh, (float)scale, op + (b * Hq + j * G) * Dh,
-                       scores.data(), half};
-            attend(t);
+            for (int64_t g0 = 0; g0 < G; g0 += kAttnMaxG) {  // query heads of KV head j, kAttnMaxG at a time
+                const int64_t h = j * G + g0;  // first query head of this task
+                AttnTask t{qp + (b * Hq + h) * Dh, kp + j * Dh * esize, vp + j * Dh * esize, sl + st[b],
+                           en[b] - st[b], std::min(kAttnMaxG, G - g0), Dh, Hkv * Dh, (float)scale,
+                           op + (b * Hq + h) * Dh, scores.data(), half};
+                attend(t);
+            }
         }
     });
     return out;

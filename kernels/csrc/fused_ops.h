@@ -7,7 +7,18 @@
 
 namespace quept {
 
-// The G query heads of one KV head of one decoding sequence over its L cached keys.
+// exp(x) on the SIMD paths (Cephes expf, about 1 ulp): x = n ln2 + r with ln2 split in two parts,
+// exp(r) = 1 + r + r^2 p(r), p by Horner from kExpPoly[0]; 2^n applied last; x clamped to [kExpLo, kExpHi].
+constexpr float kExpLo = -87.3f, kExpHi = 88.f;
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+// The SIMD attention paths keep this many query heads' accumulators in registers at most; the
+// caller (paged_attention) splits a larger group of query heads per KV head into tasks of this size.
+constexpr int64_t kAttnMaxG = 8;
+
+// The G query heads (G <= kAttnMaxG) of one KV head of one query row over its L cached keys.
 struct AttnTask {
     const float* q;          // [G][Dh] query heads
     const void* k;           // flat key cache, fp32 or fp16 (half); key l of this head is at slots[l] * row_stride
