@@ -160,12 +160,14 @@ class FakeQuantLinear(nn.Module):
 def make_fake_quant(
     w: torch.Tensor, bias: torch.Tensor | None, widths: Sequence[int], ranks: Sequence[int], group_size: int,
     col_weight: torch.Tensor | None = None, codes_mode: str = "nested", importance: dict[int, float] | None = None,
-    seed: int = 0,
+    seed: int = 0, search: bool = True, plain_widths: Sequence[int] = (),
 ) -> FakeQuantLinear:
-    """Master-code search (nested) or per-width RTN codes (independent ablation), LS affines, fresh adapters."""
+    """Master-code search (nested; `search=False`: nested RTN codes) or per-width RTN codes (independent
+    ablation), LS affines (`plain_widths` without column weights), fresh adapters."""
     n, k = w.shape
     if codes_mode == "nested":
-        codes, scales, mins = master_code_search(w, widths, group_size, col_weight, importance=importance)
+        codes, scales, mins = master_code_search(w, widths, group_size, col_weight, iters=int(search),
+                                                 importance=importance, plain_widths=plain_widths)
         c = codes.to(torch.int64)
         qf = torch.stack([(c >> (8 - b)).float() for b in widths])  # [W, N, K]
         return FakeQuantLinear(codes, qf, scales, mins, bias, widths, ranks, group_size, seed)
@@ -271,19 +273,22 @@ def train_block(
     layers: list[FakeQuantLinear], x_q: torch.Tensor, y_fp: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor],
     args: ModelArgs, cos: torch.Tensor, sin: torch.Tensor, widths: Sequence[int],
     groups: Sequence[Sequence[int]], epochs: int, batch: int, lr_affine: float, lr_lora: float,
-    rng: random.Random, on_step: Callable[[int, float], None] | None = None,
+    rng: random.Random, on_step: Callable[[int, float], None] | None = None, x_ref: torch.Tensor | None = None,
 ) -> list[float]:
-    """Adam over the block's affines and adapters; returns the mean normalised loss per epoch."""
+    """Adam over the block's affines and adapters; returns the mean normalised loss per epoch.
+
+    x_ref: the full-precision stream's inputs of the block (y_fp's inputs), on which a width without adapters
+    chooses between its trained and least-squares affines (`keep_better_unadapted_affines`); default x_q."""
     with torch.enable_grad():  # load_model() turns autograd off process-wide
         return _train_block(layers, x_q, y_fp, norms, args, cos, sin, widths, groups, epochs, batch,
-                            lr_affine, lr_lora, rng, on_step)
+                            lr_affine, lr_lora, rng, on_step, x_ref)
 
 
 def _train_block(
     layers: list[FakeQuantLinear], x_q: torch.Tensor, y_fp: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor],
     args: ModelArgs, cos: torch.Tensor, sin: torch.Tensor, widths: Sequence[int],
     groups: Sequence[Sequence[int]], epochs: int, batch: int, lr_affine: float, lr_lora: float,
-    rng: random.Random, on_step: Callable[[int, float], None] | None = None,
+    rng: random.Random, on_step: Callable[[int, float], None] | None = None, x_ref: torch.Tensor | None = None,
 ) -> list[float]:
     affine = [p for m in layers for p in (m.ds, m.dm)]
     lora = [p for m in layers for p in (m.lora_a, m.lora_b) if p.numel()]
@@ -315,7 +320,7 @@ def _train_block(
             if on_step is not None:
                 on_step(epoch, step_loss)
         history.append(total / max(steps, 1))
-    keep_better_unadapted_affines(layers, x_q, y_fp, widths, norms, args, cos, sin)
+    keep_better_unadapted_affines(layers, x_q if x_ref is None else x_ref, y_fp, widths, norms, args, cos, sin)
     for m in layers:
         m.round_to_storage()
     return history
@@ -331,7 +336,11 @@ def keep_better_unadapted_affines(
 
     Training normalises each width's loss by its first value: where the least-squares fit is already
     exact (w8 on the groups of a Q4_1 source, loss ~1e-12) that turns rounding noise into unit-size
-    gradients, and Adam walks the affines off the exact fit (block error 1e-12 -> 1e-6)."""
+    gradients, and Adam walks the affines off the exact fit (block error 1e-12 -> 1e-6).
+
+    Pass the full-precision stream as x (`train_block`'s x_ref): that is what a w8 model's block sees. On the
+    MB-ToMe stream (low-width outputs mixed in) trained affines that correct the mixed-in error look better,
+    and were kept in several blocks of the default model, off the exact fit of its Q4_1 weights."""
     restored = []
     for i, b in enumerate(widths):
         if any(m.ranks[i] for m in layers):

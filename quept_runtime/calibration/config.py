@@ -41,6 +41,14 @@ class CalibConfig:
     """largest weight a disagreeing token gives the mean low-width output"""
     search_importance: dict[int, float] = field(default_factory=lambda: {8: 4.0})
     """per-width weight of the master-code search (others 1.0), in units of each width's step"""
+    head_search: bool = False
+    """master-code search on the lm_head too (off: nested round-to-nearest codes). Measured on the default model
+    (8 test.txt windows, everything else fixed): the search's moves cost the lm_head at every width, w8 27.617 vs
+    27.614, w4 29.10 vs 29.05 (the search weighs widths in step units, which the logits do not)"""
+    head_plain_widths: tuple[int, ...] = (8,)
+    """lm_head widths whose affines are plain least squares (the others are weighted by the final-norm
+    activations). Measured on the default model: an activation-weighted w8 affine gives w8 27.626 vs 27.614
+    plain; at w4 the weighted fit is much better (29.05 vs 30.25)"""
     codes: str = "nested"
     """'nested' (stored format) or 'independent' (ablation only: per-width RTN codes, not storable)"""
     train: bool = True
@@ -63,4 +71,5 @@ class CalibConfig:
         d = asdict(self)
         d["calib_file"] = str(self.calib_file) if self.calib_file else None
         d["search_importance"] = {str(k): v for k, v in self.search_importance.items()}
+        d["head_plain_widths"] = list(self.head_plain_widths)
         return d

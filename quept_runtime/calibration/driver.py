@@ -3,7 +3,7 @@
     search master codes + LS affines per linear  (master_codes)
     block by block: train affines + cascaded adapters on a multi-width loss  (blockwise)
                     next block's inputs by MB-ToMe  (tome)
-    lm_head: search + activation-weighted LS affines (no training: its output is the logits)
+    lm_head: nested RTN codes + activation-weighted LS affines, w8 plain LS (no training: its output is the logits)
     KL sensitivity table  (sensitivity);  profiles by DP over real bits  (quept_runtime.allocation)
     write the checkpoint to a staging directory, measure held-out perplexity per width and
     profile on it, record everything in elastic.json, then rename into place (Ctrl-C leaves nothing).
@@ -89,7 +89,7 @@ def calibrate_layers(
                 bar.update(1)
 
             hist = train_block(block, x_q, y_fp, norms, args, cos, sin, widths, cfg.width_groups, cfg.epochs,
-                               cfg.batch, cfg.lr_affine, cfg.lr_lora, rng, on_step)
+                               cfg.batch, cfg.lr_affine, cfg.lr_lora, rng, on_step, x_ref=x_fp)
             record["loss_per_epoch"] = [round(h, 5) for h in hist]
         else:
             bar.update(1)
@@ -107,10 +107,12 @@ def calibrate_layers(
         log.debug("block %d: %s", i, record)
         layers.update(zip(names, block))
     bar.close()
-    # lm_head: search + LS affines weighted by the final-norm activations of the quantized stream
+    # lm_head: codes (nested RTN unless cfg.head_search) + LS affines weighted by the final-norm activations of
+    # the quantized stream (cfg.head_plain_widths unweighted)
     h = rms_norm(x_q, st["model.norm.weight"].float(), args.rms_norm_eps)
     layers["lm_head"] = make_fake_quant(st["lm_head.weight"].float(), st.get("lm_head.bias"), widths, rank_t,
-                                        group_size, input_col_weight(h), cfg.codes, cfg.search_importance)
+                                        group_size, input_col_weight(h), cfg.codes, cfg.search_importance,
+                                        search=cfg.head_search, plain_widths=cfg.head_plain_widths)
     with torch.no_grad():
         layers["lm_head"].lora_a.zero_()  # untrained: store an exact no-op adapter
         layers["lm_head"].round_to_storage()

@@ -42,30 +42,37 @@ def fit_affine(
 class _GroupFit:
     """`fit_affine` for one w and col_weight and any number of code sets: the terms that do not depend on the
     codes (sum h, sum h w) are computed once, and the products with the codes reduce in batched dot products
-    (no [N, K] temporaries beyond h * q)."""
+    (no [N, K] temporaries beyond h * q).
+
+    The normal equations are accumulated in float64: the determinant `sum h * sum h q^2 - (sum h q)^2`
+    cancels catastrophically in fp32 when one column's weight dominates its group (the default model's
+    layer-11 down_proj has a column with 1.8e6x the median mean-squared activation; in fp32 its w8 fit,
+    exact for the Q4_1 source, came out with a relative error of 3e-5 and the search then moved whole groups)."""
 
     def __init__(self, w: torch.Tensor, group_size: int, col_weight: torch.Tensor | None) -> None:
         n, k = w.shape
         g = k // group_size
-        self.wg = w.float().view(n, g, group_size)  # [N, K/G, G]
-        self.h = torch.ones(g, group_size) if col_weight is None else col_weight.float().view(g, group_size)  # [K/G, G]
+        self.wg = w.double().view(n, g, group_size)  # [N, K/G, G]
+        self.h = (torch.ones(g, group_size, dtype=torch.float64) if col_weight is None
+                  else col_weight.double().view(g, group_size))  # [K/G, G]
         self.sw = self.h.sum(-1)  # [K/G]
         self.sy = (self.h * self.wg).sum(-1)  # [N, K/G]
 
     def __call__(self, qg: torch.Tensor, prev_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """qg: fp32 codes [N, K/G, G] -> s, m [N, K/G]."""
+        """qg: codes [N, K/G, G] -> fp32 s, m [N, K/G]."""
         sw, sy = self.sw, self.sy
+        qg = qg.double()
         hq = self.h * qg  # [N, K/G, G]
         sq = hq.sum(-1)  # [N, K/G]
         sqq = torch.einsum("ngk,ngk->ng", hq, qg)
         sqy = torch.einsum("ngk,ngk->ng", hq, self.wg)
         det = sw * sqq - sq * sq
-        ok = det > 1e-6 * (sw * sqq).clamp_min(_EPS)
+        ok = det > 1e-12 * (sw * sqq).clamp_min(_EPS)  # fp64: only (near-)constant codes fail
         s = torch.where(ok, (sw * sqy - sq * sy) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
-        fallback = torch.ones_like(s) if prev_scale is None else prev_scale.float()
+        fallback = torch.ones_like(s) if prev_scale is None else prev_scale.double()
         s = torch.where(ok & (s > 0), s, fallback)
         m = (sy - s * sq) / sw
-        return s, m
+        return s.float(), m.float()
 
 
 def search_codes(
@@ -115,14 +122,18 @@ def nested_codes_float(codes: torch.Tensor, widths: Sequence[int]) -> torch.Tens
 def fit_all_affines(
     w: torch.Tensor, codes: torch.Tensor, widths: Sequence[int], group_size: int,
     col_weight: torch.Tensor | None = None, prev_scales: torch.Tensor | None = None,
+    plain_widths: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares affine of every width for fixed codes: scales, mins [W, N, K/G]."""
+    """Least-squares affine of every width for fixed codes: scales, mins [W, N, K/G].
+
+    Widths in `plain_widths` are fitted without the column weights (plain least squares)."""
     n, k = codes.shape
     fit = _GroupFit(w, group_size, col_weight)
+    plain = fit if col_weight is None or not plain_widths else _GroupFit(w, group_size, None)
     ss, ms = [], []
     for i, b in enumerate(widths):
         q = (codes >> (8 - b)).float().view(n, k // group_size, group_size)  # uint8 shift: no int64 copy
-        s, m = fit(q, None if prev_scales is None else prev_scales[i])
+        s, m = (plain if b in plain_widths else fit)(q, None if prev_scales is None else prev_scales[i])
         ss.append(s)
         ms.append(m)
     return torch.stack(ss), torch.stack(ms)
@@ -130,14 +141,17 @@ def fit_all_affines(
 
 def master_code_search(
     w: torch.Tensor, widths: Sequence[int], group_size: int, col_weight: torch.Tensor | None = None,
-    iters: int = 1, importance: dict[int, float] | None = None,
+    iters: int = 1, importance: dict[int, float] | None = None, plain_widths: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Alternate affines (weighted LS) and codes (search). Returns codes uint8 [N,K], scales, mins fp32 [W,N,K/G]."""
+    """Alternate affines (weighted LS) and codes (search). Returns codes uint8 [N,K], scales, mins fp32 [W,N,K/G].
+
+    iters=0: nested round-to-nearest codes with least-squares affines (no search). `plain_widths`: see
+    `fit_all_affines`."""
     codes, scales, mins = quantize_nested(w, widths, group_size)  # centre-of-bin start
-    scales, mins = fit_all_affines(w, codes, widths, group_size, col_weight, scales)
+    scales, mins = fit_all_affines(w, codes, widths, group_size, col_weight, scales, plain_widths)
     for _ in range(iters):
         codes = search_codes(w, scales, mins, widths, group_size, importance)
-        scales, mins = fit_all_affines(w, codes, widths, group_size, col_weight, scales)
+        scales, mins = fit_all_affines(w, codes, widths, group_size, col_weight, scales, plain_widths)
     return codes, scales, mins
 
 

@@ -310,3 +310,96 @@ def test_fit_all_affines_is_the_weighted_least_squares_fit():
                 m_ref = float((wt * (y - s_ref * x)).sum() / wt.sum())
                 assert abs(float(scales[i, n, grp]) - s_ref) <= 1e-4 * abs(s_ref) + 1e-9, (b, n, grp)
                 assert abs(float(mins[i, n, grp]) - m_ref) <= 1e-4 * abs(m_ref) + 1e-6, (b, n, grp)
+
+
+def _q4_1_weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Weights on a Q4_1 grid per 32 columns (w = d*q + m, q in 0..15, every group using q = 0 and 15)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    d = torch.rand(n, k // 32, 1, generator=g) * 0.01 + 0.002
+    m = -7.5 * d + torch.randn(n, k // 32, 1, generator=g) * 0.001
+    return (q * d + m).view(n, k)
+
+
+def test_weighted_fit_stays_exact_when_one_column_dominates():
+    """A Q4_1 source is exact at w8 (codes 17q); the activation-weighted LS fit keeps it exact, and the search
+    moves no code, even when one column's weight is 2e6x the others' (the default model's layer-11 down_proj:
+    in fp32 the normal equations cancelled, w8 came out 3e-5 off and whole groups of codes moved)."""
+    from quept_runtime.calibration.master_codes import fit_all_affines
+
+    w = _q4_1_weights(64, 128)
+    h = torch.rand(128, generator=torch.Generator().manual_seed(1)) + 0.5
+    h[5] = h[70] = 2e6
+    rtn = quantize_nested(w, WIDTHS, 32)[0]
+    scales, mins = fit_all_affines(w, rtn, WIDTHS, 32, h)
+    err = reconstruction_mse(w, rtn, scales, mins, WIDTHS, 32)
+    assert err[8] < 1e-12 * float(w.pow(2).mean()), err[8]
+    codes, scales, mins = master_code_search(w, WIDTHS, 32, h)
+    assert torch.equal(codes, rtn)
+    assert reconstruction_mse(w, codes, scales, mins, WIDTHS, 32)[8] < 1e-12 * float(w.pow(2).mean())
+
+
+def test_master_code_search_without_search_and_with_plain_widths():
+    """iters=0 keeps the nested RTN codes; a width in plain_widths gets the unweighted LS fit, the others the
+    weighted one."""
+    from quept_runtime.calibration.master_codes import fit_all_affines
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g) * 0.05
+    h = torch.rand(64, generator=g) * 10 + 0.1
+    codes, scales, mins = master_code_search(w, WIDTHS, 32, h, iters=0, plain_widths=(8,))
+    assert torch.equal(codes, quantize_nested(w, WIDTHS, 32)[0])
+    sw, mw = fit_all_affines(w, codes, WIDTHS, 32, h)
+    sp, mp = fit_all_affines(w, codes, WIDTHS, 32, None)
+    assert torch.equal(scales[0], sp[0]) and torch.equal(mins[0], mp[0])
+    assert torch.equal(scales[1:], sw[1:]) and torch.equal(mins[1:], mw[1:])
+    assert not torch.equal(sw[0], sp[0])  # the weights matter at all
+
+
+def test_calibrated_w8_reproduces_an_exactly_representable_source(tmp_path):
+    """Every linear of a source on Q4_1 grids is exact at w8 before training; after calibration (search,
+    training, lm_head) the stored w8 weights still reproduce it to fp16 rounding of the affines."""
+    src = tiny_source()
+    for name in linear_names(src.args.n_layers):
+        w = src.state[f"{name}.weight"]
+        src.state[f"{name}.weight"] = _q4_1_weights(*w.shape, seed=w.shape[0] + w.shape[1])
+    cfg = tiny_cfg(tmp_path, epochs=4)
+    samples = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    res = calibrate_layers(src, samples, WIDTHS, 32, RANKS, cfg)
+    for name, layer in res.layers.items():
+        w = src.state[f"{name}.weight"]
+        with torch.no_grad():
+            w8 = layer.weight(0)
+        rel = float((w8 - w).pow(2).mean() / w.pow(2).mean())
+        assert rel < 1e-6, (name, rel)
+
+
+def test_unadapted_widths_are_judged_on_the_full_precision_stream(monkeypatch, tmp_path):
+    """calibrate_layers hands train_block the block's full-precision inputs, and the trained-vs-LS choice of a
+    width without adapters is made on them (what a w8 model's block sees), not on the MB-ToMe stream."""
+    import quept_runtime.calibration.blockwise as bw
+    from quept_runtime.model import LINEAR_NAMES
+
+    seen: list[torch.Tensor] = []
+    real = bw.keep_better_unadapted_affines
+
+    def spy(layers, x, *rest):
+        seen.append(x.clone())
+        return real(layers, x, *rest)
+
+    monkeypatch.setattr(bw, "keep_better_unadapted_affines", spy)
+    src = tiny_source()
+    args, st = src.args, src.state
+    cfg = tiny_cfg(tmp_path, tome_threshold=1.01, tome_max_mix=0.5)  # MB-ToMe mixes every token
+    samples = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    calibrate_layers(src, samples, WIDTHS, 32, RANKS, cfg)
+    assert len(seen) == args.n_layers
+    x = st["model.embed_tokens.weight"].index_select(0, samples.flatten()).view(4, 32, -1)
+    cos, sin = bw.rope_tables(args, 32)
+    for i in range(args.n_layers):
+        assert torch.allclose(seen[i], x, atol=1e-5), i  # the full-precision stream, not the mixed one
+        names = [f"model.layers.{i}.{n}" for n in LINEAR_NAMES]
+        norms = (st[f"model.layers.{i}.input_layernorm.weight"], st[f"model.layers.{i}.post_attention_layernorm.weight"])
+        x = bw.dense_block_output([st[f"{n}.weight"] for n in names], [st.get(f"{n}.bias") for n in names], x,
+                                  norms, args, cos, sin)
