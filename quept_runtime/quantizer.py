@@ -72,6 +72,39 @@ def quantize_nested(
 AFFINES = ("centre", "lsq")
 
 
+def source_grid_codes(
+    w: torch.Tensor, group_size: int, max_bits: int = 7, tol: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Master codes aligned with a source's own b_src-bit grid, where a group lies on one.
+
+    A group of a block-quantized source with an offset (GGUF Q4_1: w = d*q + m, q in 0..15 spanning the
+    group) holds at most 2^b_src levels evenly spaced from its min to its max. Min/max stretch over 255 steps
+    maps them to codes 17q: exact at 8 and 4 bits, but 17q >> 3 is not linear in q, so not at 5 or 6. The
+    codes (q << (8 - b_src)) + 2^(7 - b_src) put q in the top b_src bits and the middle of the bins below:
+    every width b >= b_src reads 2^(b - b_src) q + const, exact with its own affine, and every width below
+    reads q >> (b_src - b), the same slices as 17q (for b_src = 4).
+
+    A group is aligned at the smallest b_src <= max_bits for which every weight lies within tol (in steps)
+    of the grid (hi - lo) / (2^b_src - 1); constant groups are not. Returns codes uint8 [N, K] (min/max
+    round-to-nearest codes where no grid fits) and the per-group mask bool [N, K // G] of aligned groups."""
+    n, k = w.shape
+    check_group_size(k, group_size)
+    wg = w.float().view(n, k // group_size, group_size)  # [N, K/G, G]
+    lo, hi = group_min_max(w, group_size)  # [N, K/G]
+    span = hi - lo
+    rel = (wg - lo.unsqueeze(-1)) / torch.where(span > 0, span, torch.ones_like(span)).unsqueeze(-1)  # [N, K/G, G] in 0..1
+    codes = torch.round(rel * 255).clamp_(0, 255)
+    found = torch.zeros(n, k // group_size, dtype=torch.bool)
+    for b in range(1, max_bits + 1):
+        levels = 2**b - 1
+        t = rel * levels
+        q = torch.round(t)
+        fits = ((t - q).abs().amax(-1) <= tol) & (span > 0) & ~found  # [N, K/G]
+        codes = torch.where(fits.unsqueeze(-1), q * 2 ** (8 - b) + 2 ** (7 - b), codes)
+        found |= fits
+    return codes.to(torch.uint8).view(n, k), found
+
+
 def fit_affines_lsq(
     w: torch.Tensor, codes: torch.Tensor, widths: Sequence[int], group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,12 @@ class CalibConfig:
     """largest weight a disagreeing token gives the mean low-width output"""
     search_importance: dict[int, float] = field(default_factory=lambda: {8: 4.0})
     """per-width weight of the master-code search (others 1.0), in units of each width's step"""
+    align_source_grid: bool = False
+    """groups whose weights lie on a b-bit grid of their own (a Q4_1 source's blocks) get master codes aligned
+    with it, exact at every width >= b (quantizer.source_grid_codes); others start from min/max RTN codes.
+    Off by default: measured on the default model (8 test.txt windows) it makes w5 28.39 -> 28.01 and
+    w6 27.88 -> 27.82 but w4 29.02 -> 29.13, over independent RTN's 29.11 (w4 reads the same codes; the
+    w5/w6 that start exact share the first adapter ranks with w4)"""
     head_search: bool = False
     """master-code search on the lm_head too (off: nested round-to-nearest codes). Measured on the default model
     (8 test.txt windows, everything else fixed): the search's moves cost the lm_head at every width, w8 27.617 vs

@@ -77,7 +77,7 @@ def calibrate_layers(
         bar.set_description(f"block {i + 1}/{args.n_layers} search")
         col = block_col_weights(x_q, dense_w, biases, norms, args, cos, sin)
         block = [make_fake_quant(w, b, widths, rank_t, group_size, c, cfg.codes, cfg.search_importance,
-                                 seed=cfg.seed * 1000 + 7 * i + j)
+                                 seed=cfg.seed * 1000 + 7 * i + j, align_source_grid=cfg.align_source_grid)
                  for j, (w, b, c) in enumerate(zip(dense_w, biases, col))]
         y_fp = dense_block_output(dense_w, biases, x_fp, norms, args, cos, sin)
         record: dict[str, Any] = {"block": i}
@@ -112,7 +112,8 @@ def calibrate_layers(
     h = rms_norm(x_q, st["model.norm.weight"].float(), args.rms_norm_eps)
     layers["lm_head"] = make_fake_quant(st["lm_head.weight"].float(), st.get("lm_head.bias"), widths, rank_t,
                                         group_size, input_col_weight(h), cfg.codes, cfg.search_importance,
-                                        search=cfg.head_search, plain_widths=cfg.head_plain_widths)
+                                        search=cfg.head_search, plain_widths=cfg.head_plain_widths,
+                                        align_source_grid=cfg.align_source_grid)
     with torch.no_grad():
         layers["lm_head"].lora_a.zero_()  # untrained: store an exact no-op adapter
         layers["lm_head"].round_to_storage()

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from quept_runtime.quantizer import quantize_nested
+from quept_runtime.quantizer import quantize_nested, source_grid_codes
 
 _EPS = 1e-10
 DEFAULT_IMPORTANCE: dict[int, float] = {8: 4.0}  # others 1.0
@@ -142,12 +142,18 @@ def fit_all_affines(
 def master_code_search(
     w: torch.Tensor, widths: Sequence[int], group_size: int, col_weight: torch.Tensor | None = None,
     iters: int = 1, importance: dict[int, float] | None = None, plain_widths: Sequence[int] = (),
+    align_source_grid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Alternate affines (weighted LS) and codes (search). Returns codes uint8 [N,K], scales, mins fp32 [W,N,K/G].
 
     iters=0: nested round-to-nearest codes with least-squares affines (no search). `plain_widths`: see
-    `fit_all_affines`."""
+    `fit_all_affines`. align_source_grid: start groups that lie on a source's b_src-bit grid from codes aligned
+    with it (`source_grid_codes`: exact at every width >= b_src; the search never moves an exact code, since
+    any move costs w8 a full step and gains nothing at the exact widths)."""
     codes, scales, mins = quantize_nested(w, widths, group_size)  # centre-of-bin start
+    if align_source_grid:
+        aligned, found = source_grid_codes(w, group_size)  # [N, K], [N, K/G]
+        codes = torch.where(found.repeat_interleave(group_size, dim=1), aligned, codes)  # [N, K]
     scales, mins = fit_all_affines(w, codes, widths, group_size, col_weight, scales, plain_widths)
     for _ in range(iters):
         codes = search_codes(w, scales, mins, widths, group_size, importance)

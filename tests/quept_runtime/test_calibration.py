@@ -403,3 +403,18 @@ def test_unadapted_widths_are_judged_on_the_full_precision_stream(monkeypatch, t
         norms = (st[f"model.layers.{i}.input_layernorm.weight"], st[f"model.layers.{i}.post_attention_layernorm.weight"])
         x = bw.dense_block_output([st[f"{n}.weight"] for n in names], [st.get(f"{n}.bias") for n in names], x,
                                   norms, args, cos, sin)
+
+
+def test_search_never_moves_source_aligned_codes():
+    """With align_source_grid the master-code search starts from codes exact at w8, w6, w5 and w4 for a Q4_1
+    source and keeps every one of them (a move costs w8 a full step and gains nothing at the exact widths)."""
+    from quept_runtime.quantizer import source_grid_codes
+
+    w = _q4_1_weights(64, 128)
+    h = torch.rand(128, generator=torch.Generator().manual_seed(1)) + 0.5
+    codes, scales, mins = master_code_search(w, WIDTHS, 32, h, align_source_grid=True)
+    assert torch.equal(codes, source_grid_codes(w, 32)[0])
+    err = reconstruction_mse(w, codes, scales, mins, WIDTHS, 32)
+    assert all(err[b] < 1e-12 * float(w.pow(2).mean()) for b in (8, 6, 5, 4)), err
+    unaligned = reconstruction_mse(w, *master_code_search(w, WIDTHS, 32, h), WIDTHS, 32)
+    assert unaligned[6] > 1e-5 * float(w.pow(2).mean())  # 17q is not exact at 6 bits (1.6e-4 here)

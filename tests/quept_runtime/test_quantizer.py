@@ -80,3 +80,57 @@ def test_lsq_affines_never_lose_to_the_bin_centre_and_fit_an_aligned_grid_exactl
 def test_unknown_affine_is_refused() -> None:
     with pytest.raises(ValueError, match="affine must be one of"):
         quantize_nested(torch.randn(4, 64), (8, 4), 32, "mse")
+
+
+def _grid_groups(n: int, groups: int, bits: int, seed: int = 0) -> torch.Tensor:
+    """[n, groups * 32] weights whose every 32-wide group is d*q + m, q in 0..2^bits-1 spanning the group."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (n, groups, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 2**bits - 1
+    d = torch.rand(n, groups, 1, generator=g) * 0.01 + 0.002
+    m = torch.randn(n, groups, 1, generator=g) * 0.02
+    return (q * d + m).view(n, groups * 32)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5])
+def test_source_grid_codes_are_exact_at_every_width_from_the_source_width(bits: int) -> None:
+    """Groups on a b_src-bit grid (Q4_1-like) get codes exact at every width >= b_src with a least-squares
+    affine; below it they read q >> (b_src - b) (for Q4_1 the same slices as min/max RTN's 17q)."""
+    from quept_runtime.quantizer import fit_affines_lsq, source_grid_codes
+
+    w = _grid_groups(16, 4, bits)
+    codes, found = source_grid_codes(w, 32)
+    assert found.all() and codes.dtype == torch.uint8
+    scales, mins = fit_affines_lsq(w, codes, WIDTHS, 32)
+    lo = w.view(16, 4, 32).amin(-1, keepdim=True)
+    q_src = torch.round((w.view(16, 4, 32) - lo) / (w.view(16, 4, 32).amax(-1, keepdim=True) - lo) * (2**bits - 1))
+    rtn = quantize_nested(w, WIDTHS, 32)[0]
+    for i, b in enumerate(WIDTHS):
+        deq = dequantize(codes, scales[i], mins[i], b, 32)
+        rel = float((deq - w).pow(2).mean() / w.pow(2).mean())
+        if b >= bits:
+            assert rel < 1e-10, (b, rel)
+        else:
+            q_b = (codes.view(16, 4, 32) >> (8 - b)).float()
+            assert torch.equal(q_b, torch.floor(q_src / 2 ** (bits - b)))
+            if bits == 4:
+                assert torch.equal(codes >> (8 - b), rtn >> (8 - b))
+
+
+def test_source_grid_codes_leave_other_groups_to_round_to_nearest() -> None:
+    """Float groups and constant groups are not aligned and keep min/max RTN codes; a group on a 2-bit grid
+    is aligned at 2 bits (the smallest grid that fits), not 4."""
+    from quept_runtime.quantizer import source_grid_codes
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 96, generator=g) * 0.05
+    w[0, 32:64] = 0.3  # constant group
+    w[1, 64:] = _grid_groups(1, 1, 2)[0]
+    codes, found = source_grid_codes(w, 32)
+    expect = torch.zeros(8, 3, dtype=torch.bool)
+    expect[1, 2] = True
+    assert torch.equal(found, expect)
+    rtn = quantize_nested(w, WIDTHS, 32)[0]
+    keep = ~found.repeat_interleave(32, dim=1)
+    assert torch.equal(codes[keep], rtn[keep])
+    assert set((codes[1, 64:] >> 6).tolist()) == {0, 1, 2, 3} and set((codes[1, 64:] & 63).tolist()) == {32}
