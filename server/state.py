@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,6 +88,7 @@ class ServerState:
         try:
             if s.threads:
                 torch.set_num_threads(s.threads)
+            sys.setswitchinterval(s.gil_switch_ms / 1000)  # process-wide, like the threads above
             if self.loaded is None:
                 self.loaded = await asyncio.to_thread(load_for_serving, s)
             loaded = self.loaded

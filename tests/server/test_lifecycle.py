@@ -149,3 +149,25 @@ def test_sigterm_drains_in_flight_then_exits(tiny_ckpt: Path, tmp_path: Path) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_loading_sets_the_gil_switch_interval(make_server) -> None:
+    """The engine thread wins the GIL back from the HTTP loop after every native call: the server
+    shortens Python's switch interval (5 ms) to `gil_switch_ms`, process-wide."""
+    before = sys.getswitchinterval()
+    try:
+        srv = make_server(gil_switch_ms=0.7)
+        assert sys.getswitchinterval() == pytest.approx(0.0007)
+        srv.stop()
+    finally:
+        sys.setswitchinterval(before)
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_gil_switch_interval_must_be_positive(value: float) -> None:
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    with pytest.raises(ValidationError, match="gil_switch_ms"):
+        Settings(gil_switch_ms=value)
