@@ -279,10 +279,14 @@ def main() -> int:
         for precision in args.precisions.split(","):
             asyncio.run(run_level(url, model, prompts[:2], 4, precision, 2, headers))  # warm-up: weights, caches
             done: dict[int, tuple[list[RequestResult], float, list[float]]] = {c: ([], 0.0, []) for c in args.concurrency}
+            # CPU seconds this load generator spent per level: on a small machine it competes with the server
+            client_cpu: dict[int, float] = {}
             for rep in range(args.repeat):  # levels interleaved, so a drifting machine load hits them alike
                 for c in args.concurrency:
                     load = os.getloadavg()[0]
+                    cpu0 = time.process_time()
                     results, seconds = asyncio.run(run_level(url, model, prompts, args.output_len, precision, c, headers))
+                    client_cpu[c] = client_cpu.get(c, 0.0) + time.process_time() - cpu0
                     prev = done[c]
                     done[c] = (prev[0] + results, prev[1] + seconds, prev[2] + [load])
                     one = summarize(results, seconds)
@@ -292,13 +296,14 @@ def main() -> int:
                 results, seconds, loads = done[c]
                 s = summarize(results, seconds)
                 s.update(precision=precision, concurrency=c, passes=args.repeat,
-                         load_average_before=statistics.fmean(loads), load_averages=loads)
+                         load_average_before=statistics.fmean(loads), load_averages=loads,
+                         client_cpu_s=client_cpu[c], client_cpu_share=client_cpu[c] / seconds)
                 load_before = s["load_average_before"]
                 runs.append(s)
                 print(f"{precision} c={c:>2}: {s['output_throughput']:7.1f} out tok/s  {s['request_throughput']:.3f} req/s"
                       f"  TTFT med {s['median_ttft_ms']:.0f} ms  TPOT med {s['median_tpot_ms']:.0f} ms"
                       f"  ITL med/p99 {s['median_itl_ms']:.0f}/{s['p99_itl_ms']:.0f} ms  E2E med {s['median_e2el_ms']:.0f} ms"
-                      f"  (load {load_before:.1f})", flush=True)
+                      f"  (load {load_before:.1f}, load generator {100 * s['client_cpu_share']:.0f} % of a core)", flush=True)
         lo, hi = min(args.concurrency), max(args.concurrency)
         speedup = {}
         for p in args.precisions.split(","):
