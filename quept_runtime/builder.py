@@ -72,13 +72,13 @@ def default_group_size(
 DEFAULT_AFFINE = "lsq"  # `quept build`'s per-width affines (quantizer.quantize_nested): better than "centre" at every width
 
 
-def default_checkpoint_name(group_size: int, affine: str = DEFAULT_AFFINE) -> str:
-    """Directory name of the default model's checkpoint in a cache; it carries the build recipe (group size
-    and affine fit), so that a cache built with another recipe is not reused."""
-    return f"{DEFAULT_CHECKPOINT_STEM}-g{group_size}-{affine}"
+def default_checkpoint_name(group_size: int, affine: str = DEFAULT_AFFINE, calibrated: bool = False) -> str:
+    """Directory name of the default model's checkpoint in a cache; it carries the build recipe (group size,
+    affine fit or calibration), so that a cache built with another recipe is not reused."""
+    return f"{DEFAULT_CHECKPOINT_STEM}-g{group_size}-" + ("cal" if calibrated else affine)
 
 
-def default_checkpoint_dir(cache_dir: str | Path) -> Path:
+def default_checkpoint_dir(cache_dir: str | Path, calibrated: bool = False) -> Path:
     """`<cache_dir>/checkpoints/<name>`: where `quept serve` and the benchmarks build the default model once.
 
     The group size is the one `build_checkpoint(load_source(None), ..., group_size=None)` chooses, read from
@@ -88,25 +88,31 @@ def default_checkpoint_dir(cache_dir: str | Path) -> Path:
 
     blocks = read_quant_blocks(default_source_path())
     choice = default_group_size(blocks.block_size, blocks.in_features, blocks.types)
-    return Path(cache_dir) / "checkpoints" / default_checkpoint_name(choice.group_size)
+    return Path(cache_dir) / "checkpoints" / default_checkpoint_name(choice.group_size, calibrated=calibrated)
 
 
-def ensure_default_checkpoint(cache_dir: str | Path) -> Path:
+def ensure_default_checkpoint(cache_dir: str | Path, calibrate: bool = False) -> Path:
     """The default model's checkpoint in `cache_dir`, built on first use (a file lock makes concurrent
-    first uses, e.g. two servers, build it once)."""
+    first uses, e.g. two servers, build it once). `calibrate`: the QuEPT-calibrated one (default
+    `CalibConfig`, minutes on a few cores; needs the calibration text), kept under its own name."""
     import fcntl
 
     from quept_runtime.source import load_source
 
-    path = default_checkpoint_dir(cache_dir)
+    path = default_checkpoint_dir(cache_dir, calibrated=calibrate)
     if (path / "elastic.json").is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same checkpoint: wait for it
         if not (path / "elastic.json").is_file():
-            log.info("building the default model into %s (first use only)", path)
-            build_checkpoint(load_source(None), path, progress=True)
+            log.info("building the %sdefault model into %s (first use only)", "calibrated " if calibrate else "", path)
+            if calibrate:
+                from quept_runtime.calibration import calibrate_checkpoint
+
+                calibrate_checkpoint(load_source(None), path)
+            else:
+                build_checkpoint(load_source(None), path, progress=True)
     return path
 
 

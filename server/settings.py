@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     checkpoint: Path | None = None
     """Checkpoint directory to serve. Unset: the default model, built on first use into `cache_dir`."""
 
+    calibrate: bool = False
+    """With no `checkpoint`: serve the QuEPT-calibrated default model (built once into `cache_dir`: minutes
+    instead of about one, from ../shared/data/wikitext-2/valid.txt or $QUEPT_CALIB_FILE). The uncalibrated default serves w8-w4
+    close to the source, but its w3 and w2 are not usable."""
+
     host: str = "127.0.0.1"
     """Address to listen on (`0.0.0.0` for every interface, e.g. in a container)."""
 

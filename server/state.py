@@ -40,7 +40,7 @@ def ensure_checkpoint(settings: Settings) -> Path:
         return Path(settings.checkpoint)
     from quept_runtime.builder import ensure_default_checkpoint
 
-    return ensure_default_checkpoint(settings.cache_dir)  # its name carries the build recipe
+    return ensure_default_checkpoint(settings.cache_dir, calibrate=settings.calibrate)  # its name carries the recipe
 
 
 def load_for_serving(settings: Settings) -> Any:

@@ -35,3 +35,33 @@ def test_default_checkpoint_is_built_under_a_name_with_its_group_size(tmp_path: 
     assert path == cache / "checkpoints" / "smollm2-135m-instruct-g32-lsq"
     assert builds == [("source None", path, None)]  # None: build_checkpoint chooses 32, as the name says
     assert ensure_checkpoint(settings) == path and len(builds) == 1  # built once
+
+
+def test_calibrate_serves_the_calibrated_default_under_its_own_name(tmp_path: Path, monkeypatch) -> None:
+    """`quept serve --calibrate`: the calibrated default model is built once, beside (not over) the plain one."""
+    from quept_runtime import calibration as calibration_mod
+
+    gguf_path = tiny_gguf(tmp_path / "default.gguf", model_tensors("Q4_1"))
+    monkeypatch.setattr(source_mod, "default_source_path", lambda: gguf_path)
+    monkeypatch.setattr(source_mod, "load_source", lambda path: f"source {path}")
+    calibrations: list[tuple[object, Path]] = []
+
+    def fake_calibrate(source, out, *args, **kwargs) -> Path:
+        calibrations.append((source, Path(out)))
+        out.mkdir(parents=True)
+        (out / "elastic.json").write_text(json.dumps({"group_size": 32}))
+        return out
+
+    def no_plain_build(*args, **kwargs) -> Path:
+        raise AssertionError("--calibrate must not build the uncalibrated checkpoint")
+
+    monkeypatch.setattr(calibration_mod, "calibrate_checkpoint", fake_calibrate)
+    monkeypatch.setattr(builder_mod, "build_checkpoint", no_plain_build)
+    cache = tmp_path / "cache"
+    settings = Settings(cache_dir=cache, checkpoint=None, calibrate=True)
+    path = ensure_checkpoint(settings)
+    assert path == cache / "checkpoints" / "smollm2-135m-instruct-g32-cal"
+    assert calibrations == [("source None", path)]
+    assert ensure_checkpoint(settings) == path and len(calibrations) == 1  # built once
+    given = tmp_path / "mine"
+    assert ensure_checkpoint(Settings(cache_dir=cache, checkpoint=given, calibrate=True)) == given  # a checkpoint wins
