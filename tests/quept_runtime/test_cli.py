@@ -122,7 +122,7 @@ def test_generate_without_checkpoint_builds_the_default_model_once(tmp_path: Pat
     src = tiny_source()
     monkeypatch.setenv("QUEPT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(source_mod, "load_source", lambda path: src)
-    monkeypatch.setattr(builder_mod, "default_checkpoint_dir", lambda cache: Path(cache) / "checkpoints" / "default")
+    monkeypatch.setattr(builder_mod, "default_checkpoint_dir", lambda cache, calibrated=False: Path(cache) / "checkpoints" / "default")
     builds = []
     real_build = builder_mod.build_checkpoint
     monkeypatch.setattr(builder_mod, "build_checkpoint", lambda *a, **k: builds.append(1) or real_build(*a, **k))
