@@ -88,12 +88,12 @@ def source_grid_codes(
     of the grid (hi - lo) / (2^b_src - 1); constant groups are not. Returns codes uint8 [N, K] (min/max
     round-to-nearest codes where no grid fits) and the per-group mask bool [N, K // G] of aligned groups."""
     n, k = w.shape
-    check_group_size(k, group_size)
+    rtn = quantize_nested(w, (8,), group_size)[0]  # [N, K] min/max round-to-nearest (checks the group size)
+    codes = rtn.view(n, k // group_size, group_size).float()  # [N, K/G, G], replaced where a grid fits
     wg = w.float().view(n, k // group_size, group_size)  # [N, K/G, G]
     lo, hi = group_min_max(w, group_size)  # [N, K/G]
     span = hi - lo
     rel = (wg - lo.unsqueeze(-1)) / torch.where(span > 0, span, torch.ones_like(span)).unsqueeze(-1)  # [N, K/G, G] in 0..1
-    codes = torch.round(rel * 255).clamp_(0, 255)
     found = torch.zeros(n, k // group_size, dtype=torch.bool)
     for b in range(1, max_bits + 1):
         levels = 2**b - 1

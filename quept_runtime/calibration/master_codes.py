@@ -152,8 +152,7 @@ def master_code_search(
     any move costs w8 a full step and gains nothing at the exact widths)."""
     codes, scales, mins = quantize_nested(w, widths, group_size)  # centre-of-bin start
     if align_source_grid:
-        aligned, found = source_grid_codes(w, group_size)  # [N, K], [N, K/G]
-        codes = torch.where(found.repeat_interleave(group_size, dim=1), aligned, codes)  # [N, K]
+        codes = source_grid_codes(w, group_size)[0]  # the same RTN codes where no source grid fits
     scales, mins = fit_all_affines(w, codes, widths, group_size, col_weight, scales, plain_widths)
     for _ in range(iters):
         codes = search_codes(w, scales, mins, widths, group_size, importance)

@@ -235,9 +235,11 @@ def test_activation_quantization_is_exactly_the_contract(native, gen, m: int, k:
     xq2_ref, dx2_ref = quantize_activations(r)
     for isa in native.available_isas():
         native.set_isa(isa)
-        xq, dx, xq2, dx2 = native.quantize_activations(x)
+        xq, dx, xqsum, xq2, dx2, xqsum2 = native.quantize_activations(x)
         assert torch.equal(xq.int(), xq_ref) and torch.equal(dx, dx_ref), isa
         assert torch.equal(xq2.int(), xq2_ref) and torch.equal(dx2, dx2_ref), isa
+        for q, sums in ((xq_ref, xqsum), (xq2_ref, xqsum2)):  # the chunk sums the centred codes subtract
+            assert torch.equal(sums, q.view(m, k // 32, 32).sum(-1, dtype=torch.int32)), isa
 
 
 def test_activation_quantization_rejects_bad_input(native) -> None:
