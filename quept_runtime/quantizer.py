@@ -105,6 +105,33 @@ def source_grid_codes(
     return codes.to(torch.uint8).view(n, k), found
 
 
+def anchored_nested_codes(w: torch.Tensor, group_size: int, anchor_bits: int = 4) -> torch.Tensor:
+    """Master codes whose top `anchor_bits` bits are the independent round-to-nearest codes at that width.
+
+    Min/max RTN over 255 steps puts the b-bit bins (16 8-bit codes each at b = 4) where an 8-bit grid puts them,
+    not where a b-bit grid of the group's own would (its min/max over 2^b - 1 steps): for a weight with no
+    b-bit structure of its own (the default model's Q8_0 lm_head) the nested w4 then reads worse codes than
+    independent RTN. Here the group's own b-bit RTN codes q come first and the bits below refine inside q's
+    bin: with n = 2^(8-b) codes per bin, the low bits are n/2 + round(offset / (s_b / n)) for the weight's offset
+    from its bin centre, clamped to the bin. The bin centre is a code (not a rounding tie between two), so a
+    weight on the b-bit grid gets (q << (8-b)) + n/2, as `source_grid_codes` gives, exact at every width >= b;
+    every width >= b reads q and a finer split of its bin; the 8-bit step is (hi - lo) / (16 * 15) at b = 4
+    instead of / 255. Returns codes uint8 [N, K]."""
+    if not 1 <= anchor_bits <= 8:
+        raise ValueError(f"anchor_bits must be in 1..8, got {anchor_bits}")
+    n, k = w.shape
+    check_group_size(k, group_size)
+    lo, hi = group_min_max(w, group_size)  # [N, K/G]
+    top = 2**anchor_bits - 1
+    per_bin = 2 ** (8 - anchor_bits)  # 8-bit codes per anchor bin
+    step = ((hi - lo) / top).clamp_min(_EPS).unsqueeze(-1)  # [N, K/G, 1] anchor step
+    wg = w.float().view(n, k // group_size, group_size)  # [N, K/G, G]
+    q = torch.round((wg - lo.unsqueeze(-1)) / step).clamp_(0, top)
+    offset = (wg - lo.unsqueeze(-1) - q * step) / (step / per_bin)  # [N, K/G, G] in fine steps, within +-per_bin/2
+    low = (torch.round(offset) + per_bin // 2).clamp_(0, per_bin - 1)
+    return (q * per_bin + low).to(torch.uint8).view(n, k)
+
+
 def fit_affines_lsq(
     w: torch.Tensor, codes: torch.Tensor, widths: Sequence[int], group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -161,6 +161,7 @@ def make_fake_quant(
     w: torch.Tensor, bias: torch.Tensor | None, widths: Sequence[int], ranks: Sequence[int], group_size: int,
     col_weight: torch.Tensor | None = None, codes_mode: str = "nested", importance: dict[int, float] | None = None,
     seed: int = 0, search: bool = True, plain_widths: Sequence[int] = (), align_source_grid: bool = False,
+    anchor_bits: int | None = None,
 ) -> FakeQuantLinear:
     """Master-code search (nested; `search=False`: nested RTN codes) or per-width RTN codes (independent
     ablation), LS affines (`plain_widths` without column weights), fresh adapters."""
@@ -168,7 +169,7 @@ def make_fake_quant(
     if codes_mode == "nested":
         codes, scales, mins = master_code_search(w, widths, group_size, col_weight, iters=int(search),
                                                  importance=importance, plain_widths=plain_widths,
-                                                 align_source_grid=align_source_grid)
+                                                 align_source_grid=align_source_grid, anchor_bits=anchor_bits)
         c = codes.to(torch.int64)
         qf = torch.stack([(c >> (8 - b)).float() for b in widths])  # [W, N, K]
         return FakeQuantLinear(codes, qf, scales, mins, bias, widths, ranks, group_size, seed)

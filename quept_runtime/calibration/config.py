@@ -51,6 +51,12 @@ class CalibConfig:
     """master-code search on the lm_head too (off: nested round-to-nearest codes). Measured on the default model
     (8 test.txt windows, everything else fixed): the search's moves cost the lm_head at every width, w8 27.617 vs
     27.614, w4 29.10 vs 29.05 (the search weighs widths in step units, which the logits do not)"""
+    head_anchor_bits: int | None = 4
+    """the lm_head's master codes have its own 4-bit round-to-nearest codes in their top bits and refine inside
+    those bins below (quantizer.anchored_nested_codes); None: nested round-to-nearest codes like the decoder
+    linears (with align_source_grid as they have it). The default model's lm_head is a Q8_0 tensor with no
+    4-bit grid of its own, so the top 4 bits of its min/max 8-bit codes are worse 4-bit codes than independent
+    RTN; the decoder's Q4_1 linears are exact at w4 either way, so the lm_head is all that nesting costs w4"""
     head_plain_widths: tuple[int, ...] = (8,)
     """lm_head widths whose affines are plain least squares (the others are weighted by the final-norm
     activations). Measured on the default model: an activation-weighted w8 affine gives w8 27.626 vs 27.614

@@ -107,13 +107,14 @@ def calibrate_layers(
         log.debug("block %d: %s", i, record)
         layers.update(zip(names, block))
     bar.close()
-    # lm_head: codes (nested RTN unless cfg.head_search) + LS affines weighted by the final-norm activations of
-    # the quantized stream (cfg.head_plain_widths unweighted)
+    # lm_head: codes (anchored at cfg.head_anchor_bits, searched if cfg.head_search) + LS affines weighted by the
+    # final-norm activations of the quantized stream (cfg.head_plain_widths unweighted)
     h = rms_norm(x_q, st["model.norm.weight"].float(), args.rms_norm_eps)
     layers["lm_head"] = make_fake_quant(st["lm_head.weight"].float(), st.get("lm_head.bias"), widths, rank_t,
                                         group_size, input_col_weight(h), cfg.codes, cfg.search_importance,
                                         search=cfg.head_search, plain_widths=cfg.head_plain_widths,
-                                        align_source_grid=cfg.align_source_grid)
+                                        align_source_grid=cfg.align_source_grid and cfg.head_anchor_bits is None,
+                                        anchor_bits=cfg.head_anchor_bits)
     with torch.no_grad():
         layers["lm_head"].lora_a.zero_()  # untrained: store an exact no-op adapter
         layers["lm_head"].round_to_storage()

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from quept_runtime.quantizer import quantize_nested, source_grid_codes
+from quept_runtime.quantizer import anchored_nested_codes, quantize_nested, source_grid_codes
 
 _EPS = 1e-10
 DEFAULT_IMPORTANCE: dict[int, float] = {8: 4.0}  # others 1.0
@@ -142,17 +142,22 @@ def fit_all_affines(
 def master_code_search(
     w: torch.Tensor, widths: Sequence[int], group_size: int, col_weight: torch.Tensor | None = None,
     iters: int = 1, importance: dict[int, float] | None = None, plain_widths: Sequence[int] = (),
-    align_source_grid: bool = False,
+    align_source_grid: bool = False, anchor_bits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Alternate affines (weighted LS) and codes (search). Returns codes uint8 [N,K], scales, mins fp32 [W,N,K/G].
 
     iters=0: nested round-to-nearest codes with least-squares affines (no search). `plain_widths`: see
     `fit_all_affines`. align_source_grid: start groups that lie on a source's b_src-bit grid from codes aligned
     with it (`source_grid_codes`: exact at every width >= b_src; the search never moves an exact code, since
-    any move costs w8 a full step and gains nothing at the exact widths)."""
+    any move costs w8 a full step and gains nothing at the exact widths). anchor_bits: start from codes whose top
+    `anchor_bits` bits are the independent RTN codes at that width (`anchored_nested_codes`)."""
+    if align_source_grid and anchor_bits is not None:
+        raise ValueError("align_source_grid and anchor_bits choose different starting codes; pass one")
     codes, scales, mins = quantize_nested(w, widths, group_size)  # centre-of-bin start
     if align_source_grid:
         codes = source_grid_codes(w, group_size)[0]  # the same RTN codes where no source grid fits
+    elif anchor_bits is not None:
+        codes = anchored_nested_codes(w, group_size, anchor_bits)
     scales, mins = fit_all_affines(w, codes, widths, group_size, col_weight, scales, plain_widths)
     for _ in range(iters):
         codes = search_codes(w, scales, mins, widths, group_size, importance)

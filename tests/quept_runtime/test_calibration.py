@@ -418,3 +418,16 @@ def test_search_never_moves_source_aligned_codes():
     assert all(err[b] < 1e-12 * float(w.pow(2).mean()) for b in (8, 6, 5, 4)), err
     unaligned = reconstruction_mse(w, *master_code_search(w, WIDTHS, 32, h), WIDTHS, 32)
     assert unaligned[6] > 1e-5 * float(w.pow(2).mean())  # 17q is not exact at 6 bits (1.6e-4 here)
+
+
+def test_head_anchor_starts_the_search_from_anchored_codes():
+    """iters=0 with anchor_bits keeps the anchored codes (w4 reads independent RTN codes); anchoring and
+    source-grid alignment are two different starts and cannot be combined."""
+    from quept_runtime.quantizer import anchored_nested_codes
+
+    w = torch.randn(32, 96, generator=torch.Generator().manual_seed(7))
+    codes, _, _ = master_code_search(w, WIDTHS, 32, iters=0, anchor_bits=4)
+    assert torch.equal(codes, anchored_nested_codes(w, 32, 4))
+    assert not torch.equal(codes, quantize_nested(w, WIDTHS, 32)[0])
+    with pytest.raises(ValueError, match="pass one"):
+        master_code_search(w, WIDTHS, 32, align_source_grid=True, anchor_bits=4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.reference import dequantize
-from quept_runtime.quantizer import check_widths, quantize_independent, quantize_nested
+from quept_runtime.quantizer import anchored_nested_codes, check_widths, quantize_independent, quantize_nested
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 SEED_LSQ = random.randrange(1 << 30)  # fresh weights every run
@@ -134,3 +134,63 @@ def test_source_grid_codes_leave_other_groups_to_round_to_nearest() -> None:
     keep = ~found.repeat_interleave(32, dim=1)
     assert torch.equal(codes[keep], rtn[keep])
     assert set((codes[1, 64:] >> 6).tolist()) == {0, 1, 2, 3} and set((codes[1, 64:] & 63).tolist()) == {32}
+
+
+@pytest.mark.parametrize("anchor_bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("group_size", [8, 32, 96])
+def test_anchored_codes_top_bits_are_independent_rtn(anchor_bits: int, group_size: int) -> None:
+    """The top anchor bits are the group's own RTN codes at that width (so the nested model at that width
+    reconstructs exactly what independent RTN does), and the full 8-bit codes refine inside each bin."""
+    seed = random.randrange(1 << 30)
+    w = torch.randn(13, 3 * group_size, generator=torch.Generator().manual_seed(seed)) ** 3  # heavy tails
+    codes = anchored_nested_codes(w, group_size, anchor_bits)
+    assert codes.dtype == torch.uint8 and codes.shape == w.shape
+    wg = w.view(13, 3, group_size)  # [N, K/G, G]
+    lo = wg.amin(-1, keepdim=True)
+    step = (wg.amax(-1, keepdim=True) - lo) / (2**anchor_bits - 1)  # the group's own anchor-width grid
+    rtn = torch.round((quantize_independent(w, anchor_bits, group_size).view_as(wg) - lo) / step)
+    assert torch.equal((codes >> (8 - anchor_bits)).view_as(wg).float(), rtn), f"seed {seed}"
+    # 8 bits: the fine grid of each anchor bin (its centre is code per_bin / 2) is within half a fine step of
+    # every weight, one fine step where the top of a bin clamps
+    per_bin = 2 ** (8 - anchor_bits)
+    fine = step / per_bin
+    c = codes.view_as(wg).float()
+    err = (lo + (c - per_bin // 2) * fine - wg).abs()
+    assert bool((err <= fine + 1e-5).all()), f"seed {seed}"
+    inner = (c % per_bin) < per_bin - 1
+    assert bool((err <= fine * 0.5 + 1e-5)[inner].all()), f"seed {seed}"
+
+
+def test_anchored_codes_of_weights_on_the_anchor_grid_are_exact_at_every_wider_width() -> None:
+    """Weights on a 4-bit grid (a Q4_1 source) get (q << 4) + 8, the source-grid codes: no rounding ties."""
+    from quept_runtime.quantizer import fit_affines_lsq, source_grid_codes
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randint(0, 16, (24, 64), generator=g).float()
+    q[:, ::32] = 0  # every group spans its whole grid
+    q[:, 1::32] = 15
+    d = torch.rand(24, 2, generator=g).repeat_interleave(32, dim=1) * 0.1 + 0.01
+    m = torch.randn(24, 2, generator=g).repeat_interleave(32, dim=1) * 0.1
+    w = q * d + m
+    codes = anchored_nested_codes(w, 32, 4)
+    assert torch.equal(codes, source_grid_codes(w, 32)[0])
+    scales, mins = fit_affines_lsq(w, codes, WIDTHS, 32)
+    for i, b in enumerate(WIDTHS[:4]):  # 8, 6, 5, 4
+        deq = dequantize(codes, scales[i], mins[i], b, 32)
+        torch.testing.assert_close(deq, w, rtol=0, atol=1e-5, msg=f"w{b}")
+
+
+def test_anchored_codes_at_8_bits_are_min_max_rtn() -> None:
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(anchored_nested_codes(w, 32, 8), quantize_nested(w, (8,), 32)[0])
+
+
+@pytest.mark.parametrize("anchor_bits", [0, 9, -1])
+def test_anchored_codes_reject_bad_anchor(anchor_bits: int) -> None:
+    with pytest.raises(ValueError, match="anchor_bits must be in 1..8"):
+        anchored_nested_codes(torch.randn(4, 32), 32, anchor_bits)
+
+
+def test_anchored_codes_reject_bad_group_size() -> None:
+    with pytest.raises(ValueError, match="does not divide"):
+        anchored_nested_codes(torch.randn(4, 48), 32, 4)
