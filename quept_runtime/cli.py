@@ -38,6 +38,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     b.add_argument("--affine", choices=["lsq", "centre"], default="lsq",
                    help="per-width affines (without --calibrate): the least-squares fit of each group's weights on "
                         "its b-bit codes (default), or the centre of each code's 8-bit bin range")
+    b.add_argument("--anchor-bits", type=int, choices=range(0, 9), metavar="{0..8}", default=None,
+                   help="without --calibrate: master codes whose top bits are each group's own RTN codes at this "
+                        "width (default 4 with lsq affines; 0: min/max codes over 255 steps, what --affine centre "
+                        "takes)")
     b.add_argument("--ranks", help="adapter rank per width, e.g. 8:0,6:8,5:8,4:16,3:24,2:32")
     b.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     b.add_argument("--calibrate", action="store_true", help="one-shot QuEPT calibration (DESIGN §3)")
@@ -76,7 +80,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from quept_runtime.builder import build_checkpoint, parse_ranks
+    from quept_runtime.builder import DEFAULT_ANCHOR_BITS, build_checkpoint, parse_ranks
     from quept_runtime.source import load_source
 
     ranks = parse_ranks(args.ranks, args.widths) if args.ranks else None
@@ -90,8 +94,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         path = calibrate_checkpoint(source, args.out, args.widths, args.group_size, ranks, cfg, overwrite=args.overwrite)
         print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
         return 0
+    anchor = args.anchor_bits
+    if anchor is None:
+        anchor = DEFAULT_ANCHOR_BITS if args.affine == "lsq" else 0
     path = build_checkpoint(source, args.out, args.widths, args.group_size, ranks, overwrite=args.overwrite,
-                            affine=args.affine)
+                            affine=args.affine, anchor_bits=anchor or None)
     print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -46,17 +46,26 @@ def group_min_max(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 
 def quantize_nested(
-    w: torch.Tensor, widths: Sequence[int] = DEFAULT_WIDTHS, group_size: int = 64, affine: str = "centre"
+    w: torch.Tensor, widths: Sequence[int] = DEFAULT_WIDTHS, group_size: int = 64, affine: str = "centre",
+    anchor_bits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nested RTN: codes uint8 [N, K], scales and mins fp32 [W, N, K // G].
 
     affine: "centre" (centre of the 8-bit bin range each b-bit code covers) or "lsq" (the
-    least-squares line through the group's weights against its b-bit codes, `fit_affines_lsq`)."""
+    least-squares line through the group's weights against its b-bit codes, `fit_affines_lsq`).
+    anchor_bits: codes from `anchored_nested_codes` (the independent RTN codes at that width in the top
+    bits) instead of min/max RTN over 255 steps; needs "lsq" (the centre formula assumes min/max codes)."""
     if affine not in AFFINES:
         raise ValueError(f"affine must be one of {list(AFFINES)}, got {affine!r}")
     widths = check_widths(widths)
     n, k = w.shape
     check_group_size(k, group_size)
+    if anchor_bits is not None:
+        if affine != "lsq":
+            raise ValueError("anchored codes need least-squares affines (affine='lsq'); the centre-of-bin "
+                             "affines assume min/max codes")
+        codes = anchored_nested_codes(w, group_size, anchor_bits)
+        return codes, *fit_affines_lsq(w, codes, widths, group_size)
     lo, hi = group_min_max(w, group_size)  # [N, K/G]
     scale8 = ((hi - lo) / 255.0).clamp_min(_EPS)
     wg = w.float().view(n, k // group_size, group_size)  # [N, K/G, G]

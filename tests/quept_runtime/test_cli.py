@@ -88,8 +88,11 @@ def test_build_group_size_defaults_to_the_source_block(tmp_path: Path, capsys, m
     assert json.loads((tmp_path / "o" / "elastic.json").read_text())["group_size"] == expected
 
 
-@pytest.mark.parametrize("flag,expected", [((), "lsq"), (("--affine", "centre"), "centre")])
-def test_build_affine_defaults_to_least_squares(tmp_path: Path, capsys, monkeypatch, flag, expected) -> None:
+@pytest.mark.parametrize("flag,expected,anchor", [((), "lsq", 4), (("--affine", "centre"), "centre", None),
+                                                  (("--anchor-bits", "0"), "lsq", None),
+                                                  (("--anchor-bits", "3"), "lsq", 3)])
+def test_build_affine_defaults_to_least_squares(tmp_path: Path, capsys, monkeypatch, flag, expected, anchor) -> None:
+    """Default: least-squares affines over codes anchored at 4 bits; --affine centre takes min/max codes."""
     from quept_runtime import source as source_mod
     from quept_runtime.checkpoint import load_checkpoint
     from quept_runtime.quantizer import quantize_nested
@@ -100,13 +103,32 @@ def test_build_affine_defaults_to_least_squares(tmp_path: Path, capsys, monkeypa
     code, _, err = run(capsys, "build", "--out", str(tmp_path / "o"), "--group-size", "32", *flag)
     assert code == 0, err
     ck = load_checkpoint(tmp_path / "o")
-    assert ck.meta["build"]["affine"] == expected
+    assert ck.meta["build"]["affine"] == expected and ck.meta["build"]["anchor_bits"] == anchor
     w = src.state["model.layers.0.mlp.down_proj.weight"]
-    _, scales, _ = quantize_nested(w, ck.widths, 32, expected)
+    codes, scales, _ = quantize_nested(w, ck.widths, 32, expected, anchor)
+    assert torch.equal(ck.elastic["model.layers.0.mlp.down_proj"].codes, codes)
     assert torch.allclose(ck.elastic["model.layers.0.mlp.down_proj"].scales.float(), scales, rtol=1e-3, atol=1e-6)
     with pytest.raises((SystemExit, argparse.ArgumentError), match="invalid choice: 'mse'|2"):
         run(capsys, "build", "--out", str(tmp_path / "p"), "--affine", "mse")
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("flag", [("--anchor-bits", "9"), ("--anchor-bits", "-1"), ("--anchor-bits", "four"),
+                                  ("--affine", "centre", "--anchor-bits", "4")])
+def test_build_rejects_bad_anchor_bits(tmp_path: Path, capsys, monkeypatch, flag) -> None:
+    """Out-of-range or non-integer anchors are usage errors; centre affines with anchored codes are refused
+    (the centre formula assumes min/max codes). Nothing is written either way."""
+    from quept_runtime import source as source_mod
+    from tests.tiny import tiny_source
+
+    monkeypatch.setattr(source_mod, "load_source", lambda path: tiny_source())
+    try:
+        code, _, err = run(capsys, "build", "--out", str(tmp_path / "o"), "--group-size", "32", *flag)
+    except SystemExit as exc:  # argparse usage error
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2, err
+    assert "anchor" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_build_missing_source(tmp_path: Path, capsys) -> None:

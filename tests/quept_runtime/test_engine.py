@@ -227,14 +227,23 @@ def test_attention_of_a_batch_matches_per_sequence(tiny_ckpt: Path, backend: str
     """One attention call for a batch equals attending sequence by sequence: on the torch backend
     build_layout's DecodeGroup (one padded sdpa for all decode rows) against the per-sequence loop;
     on the native backend its in-place paged attention over every row (decode rows and a prefill
-    chunk in one batch) against the torch ops on the same fp16 cache."""
+    chunk in one batch) against the torch ops on the same fp16 cache. The linears are the exact fp32
+    reference's in both runs: the native linears quantize activations to int8, so an attention difference
+    at fp32 rounding could flip one rounding and show as a whole quantization step in the logits."""
     from kernels.native import find_compiler
     from quept_runtime.kv_cache import SequenceBlocks
     from quept_runtime.model import TorchLayerOps, build_layout
 
     if backend == "native" and find_compiler() is None:
         pytest.skip("no C++ compiler: the native kernels cannot be built")
-    model = load_model(tiny_ckpt, backend=backend).model
+    if backend == "native":
+        from kernels.native import load_native
+        from quept_runtime.backends.native_backend import NativeLayerOps
+
+        model = load_model(tiny_ckpt, backend="torch-fp32").model
+        model.ops = NativeLayerOps(load_native())
+    else:
+        model = load_model(tiny_ckpt, backend=backend).model
     assert model.ops.attention_in_place == (backend == "native")
     batched_ops = model.ops
     per_sequence_ops = TorchLayerOps()
@@ -257,7 +266,10 @@ def test_attention_of_a_batch_matches_per_sequence(tiny_ckpt: Path, backend: str
             layout.decode = None
         outs.append(model(tokens, positions, cache, layout, 4))
     model.ops = batched_ops
-    assert float((outs[0] - outs[1]).abs().max() / outs[1].abs().max()) < 1e-5
+    # native: its fused ops (polynomial exp in softmax and SiLU) differ from torch's at fp32 rounding, summed
+    # over the layers (1.5e-5 measured on the tiny model)
+    tol = 5e-5 if backend == "native" else 1e-5
+    assert float((outs[0] - outs[1]).abs().max() / outs[1].abs().max()) < tol
 
 
 def test_small_batches_run_on_fewer_threads(lm, monkeypatch):

@@ -32,7 +32,7 @@ def test_default_checkpoint_is_built_under_a_name_with_its_group_size(tmp_path: 
     (old / "elastic.json").write_text(json.dumps({"group_size": 64}))
     settings = Settings(cache_dir=cache, checkpoint=None)
     path = ensure_checkpoint(settings)
-    assert path == cache / "checkpoints" / "smollm2-135m-instruct-g32-lsq"
+    assert path == cache / "checkpoints" / "smollm2-135m-instruct-g32-lsq-a4"
     assert builds == [("source None", path, None)]  # None: build_checkpoint chooses 32, as the name says
     assert ensure_checkpoint(settings) == path and len(builds) == 1  # built once
 
@@ -60,7 +60,7 @@ def test_calibrate_serves_the_calibrated_default_under_its_own_name(tmp_path: Pa
     cache = tmp_path / "cache"
     settings = Settings(cache_dir=cache, checkpoint=None, calibrate=True)
     path = ensure_checkpoint(settings)
-    assert path == cache / "checkpoints" / "smollm2-135m-instruct-g32-cal"
+    assert path == cache / "checkpoints" / "smollm2-135m-instruct-g32-cal-a4"
     assert calibrations == [("source None", path)]
     assert ensure_checkpoint(settings) == path and len(calibrations) == 1  # built once
     given = tmp_path / "mine"
