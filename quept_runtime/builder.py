@@ -80,8 +80,10 @@ def default_checkpoint_name(group_size: int, affine: str = DEFAULT_AFFINE, calib
                             anchor_bits: int | None = DEFAULT_ANCHOR_BITS) -> str:
     """Directory name of the default model's checkpoint in a cache; it carries the build recipe (group size,
     affine fit and code anchor, or calibration), so that a cache built with another recipe is not reused."""
-    if calibrated:  # the calibration recipe anchors the lm_head's codes at 4 bits (CalibConfig.head_anchor_bits)
-        return f"{DEFAULT_CHECKPOINT_STEM}-g{group_size}-cal-a4"
+    if calibrated:  # the calibration recipe: the lm_head's code anchor is its part that changed
+        from quept_runtime.calibration import CalibConfig
+
+        return f"{DEFAULT_CHECKPOINT_STEM}-g{group_size}-cal-a{CalibConfig.head_anchor_bits}"
     return f"{DEFAULT_CHECKPOINT_STEM}-g{group_size}-{affine}" + (f"-a{anchor_bits}" if anchor_bits else "")
 
 

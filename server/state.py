@@ -91,8 +91,8 @@ class ServerState:
         # op keeps an OpenMP team for as long as it lives, and beside a second team libgomp counts more threads
         # than cores and stops spinning at its barriers, so the engine's worker sleeps and is woken in every
         # parallel region. Measured on 2 cores under 16 streaming w4 clients: with the KV cache zero-filled on the
-        # event loop's thread, ~200 worker sleeps per step and 25-27 ms forwards (19 ms alone), 530 tok/s; with
-        # this, 2 sleeps in the whole run and ~650 tok/s.
+        # event loop's thread, ~200 worker sleeps per step and 26-28 ms forwards (19 ms alone), ~530 tok/s;
+        # with this, 2 sleeps in the whole run and 630-650 tok/s.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quept-load") as loader:
             await self._load(loader)
 

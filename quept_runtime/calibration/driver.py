@@ -3,7 +3,7 @@
     search master codes + LS affines per linear  (master_codes)
     block by block: train affines + cascaded adapters on a multi-width loss  (blockwise)
                     next block's inputs by MB-ToMe  (tome)
-    lm_head: nested RTN codes + activation-weighted LS affines, w8 plain LS (no training: its output is the logits)
+    lm_head: codes anchored at 4 bits + activation-weighted LS affines, w8 plain LS (no training: its output is the logits)
     KL sensitivity table  (sensitivity);  profiles by DP over real bits  (quept_runtime.allocation)
     write the checkpoint to a staging directory, measure held-out perplexity per width and
     profile on it, record everything in elastic.json, then rename into place (Ctrl-C leaves nothing).

@@ -177,7 +177,7 @@ def test_model_work_runs_on_a_loader_thread_that_exits(make_server, monkeypatch)
     """Loading, the controller, the engine (its KV cache's zero fill) and the warm-up run on one loader thread,
     never on the event loop's, and that thread is gone once the server is ready. Every thread that runs a
     parallel torch op keeps an OpenMP team while it lives; beside a second team libgomp stops spinning and
-    the engine's worker sleeps at every barrier (a 16-row w4 step took 24-26 ms instead of 19 on 2 cores)."""
+    the engine's worker sleeps at every barrier (a 16-row w4 forward took 26-28 ms instead of 19 on 2 cores)."""
     seen: dict[str, threading.Thread] = {}
 
     def spy(name: str, fn: Any) -> Any:
