@@ -68,7 +68,7 @@ class ServerProcess:
     def __init__(self, name: str, checkpoint: Path, flags: list[str], log_path: Path, threads: int) -> None:
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "quept.cli", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
                "--port", str(self.port), *flags]
         env = {k: v for k, v in os.environ.items() if not k.startswith("QUEPT_")}
         if threads:
@@ -280,20 +280,21 @@ def load_perplexities(checkpoint: Path, backend: str) -> tuple[dict[int, float],
                    if r.get("kind") in ("nested", "calibrated") and float(r["bits"]).is_integer()}
             if ppl:
                 return ppl, f"benchmarks/results/{name}"
-    from quept_runtime.evaluate import default_eval_file, perplexity, token_windows
-    from quept_runtime.loader import load_model
+    from quept.data import calib_file, eval_file
+    from quept.eval.perplexity import perplexity, token_windows
+    from quept.model.loader import load_model
 
     lm = load_model(checkpoint, backend=backend)
-    windows = token_windows(lm.tokenizer, default_eval_file(), 2, 512)
+    windows = token_windows(lm.tokenizer, eval_file(), 2, 512)
     ppl = {b: perplexity(lm.model, windows, b, progress=False)[0] for b in (8, 6, 5, 4)}
     return ppl, "quick evaluation: first 2 windows of 512 tokens of wikitext-2 test.txt"
 
 
 def auto_slo(checkpoint: Path, backend: str, peak: int, tail: float) -> tuple[float, dict[str, Any]]:
     """tail x geometric mean of the w8 and w4 decode step at the peak batch (quick in-process profile)."""
-    from quept_runtime.loader import load_model
-    from quept_runtime.policies import CostModel
-    from quept_runtime.precision import PrecisionPlan
+    from quept.model.loader import load_model
+    from quept.policies import CostModel
+    from quept.precision.plan import PrecisionPlan
 
     lm = load_model(checkpoint, backend=backend)
     cm = CostModel.profile(lm.model, [PrecisionPlan.uniform(8), PrecisionPlan.uniform(4)], [1, peak], reps=3)
@@ -362,8 +363,8 @@ def main() -> int:
     peak = max(levels)
     t_start = time.perf_counter()
     if args.checkpoint is None:
-        from quept_runtime.builder import ensure_default_checkpoint
-        from quept_runtime.loader import default_cache_dir
+        from quept.build.builder import ensure_default_checkpoint
+        from quept.model.loader import default_cache_dir
 
         args.checkpoint = ensure_default_checkpoint(default_cache_dir())  # built once, as quept serve does
     names = [c.strip() for c in args.configs.split(",")]

@@ -24,13 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quept_runtime.builder import DEFAULT_RANKS, resolve_group_size  # noqa: E402
-from quept_runtime.calibration import CalibConfig  # noqa: E402
-from quept_runtime.calibration.data import default_calib_file, load_calib_data  # noqa: E402
-from quept_runtime.calibration.driver import calibrate_layers  # noqa: E402
-from quept_runtime.evaluate import default_eval_file, perplexity, token_windows  # noqa: E402
-from quept_runtime.model import dense_model  # noqa: E402
-from quept_runtime.source import load_source  # noqa: E402
+from quept.build.builder import DEFAULT_RANKS, resolve_group_size  # noqa: E402
+from quept.build.calibration import CalibConfig  # noqa: E402
+from quept.build.calibration.data import load_calib_data  # noqa: E402
+from quept.build.calibration.driver import calibrate_layers  # noqa: E402
+from quept.data import calib_file, eval_file  # noqa: E402
+from quept.eval.perplexity import perplexity, token_windows  # noqa: E402
+from quept.model.model import dense_model  # noqa: E402
+from quept.build.source import load_source  # noqa: E402
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 
@@ -52,8 +53,8 @@ def main() -> int:
         torch.set_num_threads(a.threads)
     src = load_source(None)
     group_size = resolve_group_size(src, a.group_size).group_size
-    data = load_calib_data(src.tokenizer, default_calib_file(), a.samples, a.seq_len, 0, 0, 1)
-    windows = token_windows(src.tokenizer, default_eval_file(), a.windows, 512)
+    data = load_calib_data(src.tokenizer, calib_file(), a.samples, a.seq_len, 0, 0, 1)
+    windows = token_windows(src.tokenizer, eval_file(), a.windows, 512)
     eval_widths = [int(b) for b in a.eval_widths.split(",")]
     base = CalibConfig(samples=a.samples, seq_len=a.seq_len, epochs=a.epochs, threads=torch.get_num_threads(),
                        progress=False)

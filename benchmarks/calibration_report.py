@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quept_runtime.evaluate import EvalRow, format_table, plot_rows  # noqa: E402
+from quept.eval.perplexity import EvalRow, format_table, plot_rows  # noqa: E402
 
 
 def main() -> int:

@@ -155,9 +155,9 @@ def work_quept(checkpoint: str, backend: str, widths: list[int], ids: list[int],
     if isa:
         os.environ["QUEPT_NATIVE_ISA"] = isa  # read when the extension loads
 
-    from quept_runtime.generate import generate
-    from quept_runtime.loader import load_model
-    from quept_runtime.precision import PrecisionPlan
+    from quept.engine.generate import generate
+    from quept.model.loader import load_model
+    from quept.precision.plan import PrecisionPlan
 
     torch.set_num_threads(threads)
     from transformers import AutoTokenizer  # noqa: F401  (imported before the baseline, as load_model does)
@@ -185,7 +185,7 @@ def work_quept(checkpoint: str, backend: str, widths: list[int], ids: list[int],
                  tokens_per_s_median=statistics.median(r["passes_tokens_per_s_median_step"]),
                  backend_resident_mb=kernel_mb, master_codes_mb=master_mb, rss_before_load_mb=base)
         if backend == "native":
-            from kernels.native import current_isa
+            from quept.kernels.native import current_isa
 
             r["isa"] = current_isa()
         if batch > 1:
@@ -198,10 +198,10 @@ def work_kernels(checkpoint: str, threads: int, reps: int = 7) -> dict[str, Any]
     of `reps` passes, wall and CPU time, and the bytes each width reads (codes, affines, adapters)."""
     import torch
 
-    from kernels.native import available_isas, set_isa
-    from quept_runtime.backends.native_backend import NativeBackend
-    from quept_runtime.checkpoint import load_checkpoint
-    from quept_runtime.model import linear_names
+    from quept.kernels.native import available_isas, set_isa
+    from quept.backends.native import NativeBackend
+    from quept.model.checkpoint import load_checkpoint
+    from quept.model.model import linear_names
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
@@ -232,8 +232,8 @@ def work_kernels(checkpoint: str, threads: int, reps: int = 7) -> dict[str, Any]
 
 
 def engine_batch(lm: Any, bits: int, ids: list[int], tokens: int, batch: int) -> dict[str, Any]:
-    from quept_runtime.engine import EngineConfig, LLMEngine
-    from quept_runtime.sequence import GenerationRequest
+    from quept.engine.engine import EngineConfig, LLMEngine
+    from quept.engine.sequence import GenerationRequest
 
     engine = LLMEngine.from_loaded(lm, EngineConfig(max_batch=batch), default_precision=f"w{bits}")
     spec = lm.parse(f"w{bits}")
@@ -280,8 +280,8 @@ def ensure_checkpoint(path: Path | None) -> Path:
     """The default model's elastic checkpoint: the one given, else built once into the cache (as quept serve)."""
     if path is not None:
         return path
-    from quept_runtime.builder import ensure_default_checkpoint
-    from quept_runtime.loader import default_cache_dir
+    from quept.build.builder import ensure_default_checkpoint
+    from quept.model.loader import default_cache_dir
 
     return ensure_default_checkpoint(default_cache_dir())
 

@@ -36,7 +36,7 @@ def run_hf(tokens: int, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quept_runtime.source import default_source_path
+    from quept.build.source import default_source_path
 
     torch.set_num_threads(threads)
     path = default_source_path()
@@ -57,9 +57,9 @@ def run_hf(tokens: int, threads: int) -> dict:
 def run_quept(checkpoint: str, backend: str, bits: int, tokens: int, threads: int) -> dict:
     import torch
 
-    from quept_runtime.generate import generate
-    from quept_runtime.loader import load_model
-    from quept_runtime.precision import PrecisionPlan
+    from quept.engine.generate import generate
+    from quept.model.loader import load_model
+    from quept.precision.plan import PrecisionPlan
 
     torch.set_num_threads(threads)
     lm = load_model(checkpoint, backend=backend)

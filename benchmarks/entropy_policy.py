@@ -4,7 +4,7 @@ Perplexity is teacher-forced on the windows of `quept eval` (the first `--window
 `--seq-len` tokens of wikitext-2 test.txt; fewer than eval's 8 by default, stated in the result),
 decoding token by token exactly as the engine would: each position runs at the plan the entropy
 gate chose from the previous position's logits, over a KV cache whose earlier positions kept the
-width they ran at (`quept_runtime.policies.entropy_policy.simulate_window`). Uniform widths run the
+width they ran at (`quept.policies.entropy_policy.simulate_window`). Uniform widths run the
 same token-by-token loop (never switching), so tokens/s compare like for like (batch 1, the step plus
 the policy's entropy; prefill excluded); their one-forward perplexity (the `quept eval` number) is
 stored beside it as a check.
@@ -38,7 +38,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def run_config(lm: Any, windows: Any, low: Any, high: Any, threshold: float, quiet: int) -> dict[str, Any]:
-    from quept_runtime.policies.entropy_policy import simulate_window
+    from quept.policies.entropy_policy import simulate_window
 
     nll, tokens, high_steps, seconds = 0.0, 0, 0, 0.0
     for w in windows:
@@ -103,24 +103,25 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     if args.checkpoint is None:
-        from quept_runtime.builder import ensure_default_checkpoint
-        from quept_runtime.loader import default_cache_dir
+        from quept.build.builder import ensure_default_checkpoint
+        from quept.model.loader import default_cache_dir
 
         args.checkpoint = ensure_default_checkpoint(default_cache_dir())  # built once, as quept serve does
-    from quept_runtime.evaluate import default_eval_file, perplexity, token_windows
-    from quept_runtime.loader import load_model
-    from quept_runtime.policies.entropy_policy import calibrate_threshold, default_calib_file, save_calibration
+    from quept.data import calib_file, eval_file
+    from quept.eval.perplexity import perplexity, token_windows
+    from quept.model.loader import load_model
+    from quept.policies.entropy_policy import calibrate_threshold, save_calibration
 
     lm = load_model(args.checkpoint, backend=args.backend)
     high = lm.plan_for(args.high)
     lows = [lm.plan_for(s) for s in args.low.split(",") if s.strip()]
     percentiles = [float(p) for p in args.percentiles.split(",") if p.strip()]
-    calib = [calibrate_threshold(lm, default_calib_file(), p, high, windows=args.calib_windows, seq_len=256)
+    calib = [calibrate_threshold(lm, calib_file(), p, high, windows=args.calib_windows, seq_len=256)
              for p in percentiles]
     if args.store:
         save_calibration(args.checkpoint, calib[0])
         print(f"stored threshold {calib[0]['threshold']} nats (p{percentiles[0]:g}) in {args.checkpoint}/elastic.json")
-    test = default_eval_file()
+    test = eval_file()
     windows = token_windows(lm.tokenizer, test, args.windows, args.seq_len)
     uniform = list(dict.fromkeys([s.strip() for s in args.uniform.split(",") if s.strip()] + [p.name for p in lows]))
     rows: list[dict[str, Any]] = []

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 import torch  # noqa: E402
 
-from kernels.triton_bytes import (  # noqa: E402
+from quept.kernels.triton_bytes import (  # noqa: E402
     H100_HBM_BYTES_PER_S,
     MODEL_SHAPES,
     decode_roofline,
@@ -41,13 +41,13 @@ from kernels.triton_bytes import (  # noqa: E402
 log = logging.getLogger("benchmarks.kernel_bench")
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
-RANKS = (0, 8, 8, 16, 24, 32)  # quept_runtime.builder.DEFAULT_RANKS
+RANKS = (0, 8, 8, 16, 24, 32)  # quept.build.builder.DEFAULT_RANKS
 ROWS = (1, 4, 16, 64, 256, 2048)
 Timer = Callable[[Callable[[], Any]], float]  # returns milliseconds
 
 
 def random_weights(n: int, k: int, g: int, device: str, seed: int = 0) -> Any:
-    from quept_runtime.backends.base import ElasticWeights
+    from quept.backends.base import ElasticWeights
 
     gen = torch.Generator().manual_seed(seed)
     scales = torch.stack([(torch.rand(n, k // g, generator=gen) + 0.5) * (0.4 / 2**b) for b in WIDTHS])
@@ -112,7 +112,7 @@ def format_row(model: str, name: str, r: dict[str, Any]) -> str:
 def run_gpu(args: argparse.Namespace) -> int:
     import triton.testing
 
-    from quept_runtime.backends.triton_backend import TritonBackend
+    from quept.backends.triton import TritonBackend
 
     backend = TritonBackend()
     if args.cudagraph:
@@ -141,8 +141,8 @@ def run_gpu(args: argparse.Namespace) -> int:
 
 def correctness_sweep(quick: bool = False) -> bool:
     """Interpreter sweep: both kernel paths, every width, group sizes, dtypes, a mixed batch, odd sizes."""
-    from kernels import triton_ops
-    from kernels.reference import elastic_linear_ref, pack_bitplanes_ref
+    from quept.kernels import triton_ops
+    from quept.kernels.reference import elastic_linear_ref, pack_bitplanes_ref
 
     ok = True
     groups = (64,) if quick else (32, 64, 128)

@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 import torch  # noqa: E402
 
-from quept_runtime.evaluate import default_eval_file, perplexity, token_windows  # noqa: E402
-from quept_runtime.loader import load_model  # noqa: E402
+from quept.data import calib_file, eval_file  # noqa: E402
+from quept.eval.perplexity import perplexity, token_windows  # noqa: E402
+from quept.model.loader import load_model  # noqa: E402
 
 
 def main() -> int:
@@ -33,7 +34,7 @@ def main() -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     lm = load_model(args.checkpoint, backend="torch-fp32")
-    windows = token_windows(lm.tokenizer, default_eval_file(), args.windows, args.seq_len)
+    windows = token_windows(lm.tokenizer, eval_file(), args.windows, args.seq_len)
     n = lm.model.n_linears
     head = lm.ckpt.elastic[lm.model.linear_names[-1]].codes.numel()
     total = sum(lm.ckpt.elastic[name].codes.numel() for name in lm.model.linear_names)

@@ -142,7 +142,7 @@ def free_port() -> int:
 
 
 def start_server(args: argparse.Namespace, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "quept.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--backend", args.backend, "--max-batch", str(max(args.concurrency)), "--log-level", "warning"]
     if args.checkpoint:
         cmd += ["--checkpoint", str(args.checkpoint)]
@@ -172,8 +172,8 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, log_path: Path | 
 def checkpoint_path(args: argparse.Namespace) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
-    from quept_runtime.builder import default_checkpoint_dir
-    from server.settings import Settings
+    from quept.build.builder import default_checkpoint_dir
+    from quept.server.settings import Settings
 
     return default_checkpoint_dir(Settings().cache_dir)
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from quept_runtime.builder import build_checkpoint
-from quept_runtime.source import SourceModel
+from quept.build.builder import build_checkpoint
+from quept.build.source import SourceModel
 
 TINY_VOCAB = 384
 CHAT_TEMPLATE = (
@@ -74,7 +74,7 @@ def tiny_source(model_type: str = "llama", seed: int = 0, **overrides: Any) -> S
 def tiny_checkpoint(out: Path, model_type: str = "llama", seed: int = 0, group_size: int = 32,
                     random_adapters: bool = False, **overrides: Any) -> Path:
     """Build a tiny checkpoint; with `random_adapters` the adapters are non-zero (tests the adapter path)."""
-    from quept_runtime.checkpoint import load_checkpoint, write_checkpoint
+    from quept.model.checkpoint import load_checkpoint, write_checkpoint
 
     path = build_checkpoint(tiny_source(model_type, seed, **overrides), out, group_size=group_size, progress=False)
     if random_adapters:

@@ -12,9 +12,9 @@ from tests.deploy.conftest import SERVE_ENV
 
 def _server_env_names() -> set[str]:
     pydantic_settings = pytest.importorskip("pydantic_settings")
-    server = importlib.import_module("server")
+    server = importlib.import_module("quept.server")
     names: set[str] = set()
-    for info in pkgutil.iter_modules(server.__path__, "server."):
+    for info in pkgutil.iter_modules(server.__path__, "quept.server."):
         try:
             mod = importlib.import_module(info.name)
         except ImportError:

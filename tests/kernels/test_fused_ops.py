@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from kernels.native import find_compiler
-from quept_runtime.model import TorchLayerOps
+from quept.kernels.native import find_compiler
+from quept.model.model import TorchLayerOps
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler: the native kernels cannot be built")
 SEED = random.randrange(1 << 30)  # fresh inputs every run; in the failure message
@@ -17,7 +17,7 @@ SEED = random.randrange(1 << 30)  # fresh inputs every run; in the failure messa
 
 @pytest.fixture(scope="module")
 def ops():
-    from quept_runtime.backends import get_backend
+    from quept.backends import get_backend
 
     return get_backend("native").layer_ops()
 
@@ -25,7 +25,7 @@ def ops():
 def _isas() -> list[str]:
     if find_compiler() is None:
         return []
-    from kernels.native import load_native
+    from quept.kernels.native import load_native
 
     return list(load_native().available_isas())
 
@@ -33,7 +33,7 @@ def _isas() -> list[str]:
 @pytest.fixture(params=_isas())
 def isa(request: pytest.FixtureRequest):
     """Run the test on each SIMD path this CPU has (the ops with a SIMD path dispatch on it)."""
-    from kernels.native import load_native
+    from quept.kernels.native import load_native
 
     native = load_native()
     best = native.current_isa()
@@ -172,11 +172,11 @@ def test_bad_shapes_are_named(ops) -> None:
 
 
 def test_model_with_fused_ops_matches_plain_ops(tiny_ckpt) -> None:
-    from quept_runtime.generate import generate
-    from quept_runtime.kv_cache import SequenceBlocks
-    from quept_runtime.loader import load_model
-    from quept_runtime.model import build_layout
-    from quept_runtime.precision import PrecisionPlan
+    from quept.engine.generate import generate
+    from quept.model.kv_cache import SequenceBlocks
+    from quept.model.loader import load_model
+    from quept.model.model import build_layout
+    from quept.precision.plan import PrecisionPlan
 
     lm = load_model(tiny_ckpt, backend="native")
     assert type(lm.model.ops).__name__ == "NativeLayerOps"

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels.native import find_compiler
-from kernels.native_ref import elastic_linear_emulated, error_bound, magnitude, quantize_activations
-from kernels.reference import elastic_linear_ref
+from quept.kernels.native import find_compiler
+from quept.kernels.native_ref import elastic_linear_emulated, error_bound, magnitude, quantize_activations
+from quept.kernels.reference import elastic_linear_ref
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler: the native kernels cannot be built")
 
@@ -25,7 +25,7 @@ WIDTHS = (8, 6, 5, 4, 3, 2)
 
 @pytest.fixture(scope="module")
 def native():
-    from kernels.native import load_native
+    from quept.kernels.native import load_native
 
     module = load_native()
     best = module.current_isa()

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.triton_bytes import decode_traffic, ideal_speedup, prefill_traffic, total_bytes  # noqa: E402
+from quept.kernels.triton_bytes import decode_traffic, ideal_speedup, prefill_traffic, total_bytes  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_bench.py"
 
@@ -39,7 +39,7 @@ def test_byte_model() -> None:
 
 def test_bench_rows_with_cpu_timer() -> None:
     bench = load_bench()
-    from quept_runtime.backends import get_backend
+    from quept.backends import get_backend
 
     w = bench.random_weights(40, 64, 32, "cpu")
     for m in (2, 9):  # decode and prefill paths

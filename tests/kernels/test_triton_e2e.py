@@ -9,12 +9,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from quept_runtime.generate import generate  # noqa: E402
-from quept_runtime.kv_cache import SequenceBlocks  # noqa: E402
-from quept_runtime.loader import load_model  # noqa: E402
-from quept_runtime.model import build_layout  # noqa: E402
-from quept_runtime.precision import PrecisionPlan  # noqa: E402
-from quept_runtime.sampler import SamplingParams  # noqa: E402
+from quept.engine.generate import generate  # noqa: E402
+from quept.model.kv_cache import SequenceBlocks  # noqa: E402
+from quept.model.loader import load_model  # noqa: E402
+from quept.model.model import build_layout  # noqa: E402
+from quept.precision.plan import PrecisionPlan  # noqa: E402
+from quept.engine.sampler import SamplingParams  # noqa: E402
 
 PROMPT = [5, 77, 190, 3, 41, 250, 12]
 

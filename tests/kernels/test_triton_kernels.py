@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import triton_elastic as te  # noqa: E402
-from kernels import triton_ops  # noqa: E402
-from kernels.reference import (  # noqa: E402
+from quept.kernels import triton_elastic as te  # noqa: E402
+from quept.kernels import triton_ops  # noqa: E402
+from quept.kernels.reference import (  # noqa: E402
     elastic_linear_ref,
     lora_expand_ref,
     lora_shrink_ref,

@@ -12,9 +12,9 @@ import pytest
 import torch
 import uvicorn
 
-from quept_runtime.loader import load_model
-from server.app import create_app
-from server.settings import Settings
+from quept.model.loader import load_model
+from quept.server.app import create_app
+from quept.server.settings import Settings
 
 API_KEY = "test-key"
 MODEL = "tiny"
@@ -60,7 +60,7 @@ def tiny_loaded(tiny_ckpt: Path) -> Iterator[Any]:
     # (the mixed-batch test needs that); without a compiler the exact fp32 reference. The torch backend's
     # fp16 matmuls round differently at different batch sizes: on the tiny model a near-tie flipped a w4
     # token between a batch and a lone request.
-    from kernels.native import find_compiler
+    from quept.kernels.native import find_compiler
 
     yield load_model(tiny_ckpt, backend="native" if find_compiler() else "torch-fp32")
     torch.set_num_threads(n)

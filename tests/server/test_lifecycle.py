@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server import state as state_mod
+from quept.server import state as state_mod
 from tests.server.conftest import API_KEY, MODEL, LiveServer
 from tests.server.test_openai_api import metric
 
@@ -115,7 +115,7 @@ def test_sigterm_drains_in_flight_then_exits(tiny_ckpt: Path, tmp_path: Path) ->
             "PYTHONPATH": str(REPO)}
     log = tmp_path / "serve.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "quept.cli", "serve", "--host", "127.0.0.1"], env=env,
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
         def port() -> int | None:
@@ -167,7 +167,7 @@ def test_loading_sets_the_gil_switch_interval(make_server) -> None:
 def test_gil_switch_interval_must_be_positive(value: float) -> None:
     from pydantic import ValidationError
 
-    from server.settings import Settings
+    from quept.server.settings import Settings
 
     with pytest.raises(ValidationError, match="gil_switch_ms"):
         Settings(gil_switch_ms=value)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quept_runtime import builder as builder_mod
-from quept_runtime import source as source_mod
-from server.settings import Settings
-from server.state import ensure_checkpoint
-from tests.quept_runtime.test_source import model_tensors
+from quept.build import builder as builder_mod
+from quept.build import source as source_mod
+from quept.server.settings import Settings
+from quept.server.state import ensure_checkpoint
+from tests.build.test_source import model_tensors
 from tests.tiny import tiny_gguf
 
 
@@ -39,7 +39,7 @@ def test_default_checkpoint_is_built_under_a_name_with_its_group_size(tmp_path: 
 
 def test_calibrate_serves_the_calibrated_default_under_its_own_name(tmp_path: Path, monkeypatch) -> None:
     """`quept serve --calibrate`: the calibrated default model is built once, beside (not over) the plain one."""
-    from quept_runtime import calibration as calibration_mod
+    from quept.build import calibration as calibration_mod
 
     gguf_path = tiny_gguf(tmp_path / "default.gguf", model_tensors("Q4_1"))
     monkeypatch.setattr(source_mod, "default_source_path", lambda: gguf_path)

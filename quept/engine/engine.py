@@ -1,0 +1,331 @@
+"""The serving engine: continuous batching over the paged KV cache with per-sequence precision.
+
+One `step()` reads as DESIGN §4 says:
+
+    schedule  which sequences run now and how many rows each (decode rows + prefill chunks)
+    plan      the controller's plan for every scheduled sequence (it may change between tokens)
+    execute   ONE model forward over all rows; each row carries its sequence's widths
+    sample    the next token of every sequence whose rows reached its end
+    update    append tokens, detokenize, check stops, free finished sequences' KV blocks
+
+New requests join the running batch between steps; `abort` frees a sequence's blocks at once.
+The engine is synchronous and single-threaded (`AsyncEngine` runs it in a background thread).
+Metrics leave through an `EngineObserver`, so this module knows nothing of Prometheus or HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence as Seq
+
+import torch
+
+from quept.policies.base import Controller, StepContext
+from quept.policies.fixed import FixedPolicy
+from quept.errors import ContextLengthError
+from quept.model.model import ElasticModel, build_layout
+from quept.precision.plan import PrecisionPlan, rows_bits
+from quept.engine.sampler import sample
+from quept.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from quept.engine.sequence import FinishReason, GenerationRequest, RequestOutput, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits (the server fills them from its settings)."""
+
+    max_batch: int = 16  # sequences decoding together
+    max_batched_tokens: int = 512  # rows per forward; longer prompts are prefilled in chunks
+    kv_cache_bytes: int = 256 << 20  # K and V together; blocks are handed out as sequences grow
+    block_size: int = 16  # tokens per KV block
+    max_model_len: int | None = None  # prompt + max_tokens limit; None: the model's context
+    chunked_prefill: bool = True
+    # Steps of at most `small_batch_rows` rows run on `small_batch_threads` torch threads (0: off). Decode
+    # of a few rows is memory-bound and gains little from the last core, which a server's HTTP loop needs
+    # to stream the tokens: with every core on the model, one client's tokens come 1.6x slower (13 vs 8 ms
+    # per token measured on 2 cores, benchmarks/serve_bench.py).
+    small_batch_rows: int = 0
+    small_batch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # 0..1
+    num_free_blocks: int
+    num_blocks: int
+
+
+class EngineObserver:
+    """Receives engine events (the server turns them into metrics). Every method is a no-op here."""
+
+    def on_admitted(self, seq: Sequence, now: float) -> None:
+        """A sequence got KV blocks for the first time."""
+
+    def on_tokens(self, precision: str, count: int) -> None:
+        """`count` tokens were generated at `precision` in one step."""
+
+    def on_first_token(self, seq: Sequence, ttft_s: float) -> None: ...
+
+    def on_inter_token(self, seq: Sequence, itl_s: float) -> None: ...
+
+    def on_finished(self, seq: Sequence) -> None:
+        """A sequence ended (stop, length or abort); its KV blocks are already free."""
+
+    def on_switch(self, policy: str, reason: str, seq: Sequence, old: PrecisionPlan, new: PrecisionPlan) -> None: ...
+
+    def on_preempted(self, seq: Sequence) -> None: ...
+
+    def on_step(self, stats: EngineStats, num_rows: int, seconds: float) -> None: ...
+
+
+def eos_token_ids(tokenizer: Any, hf_config: dict[str, Any] | None = None) -> tuple[int, ...]:
+    """End-of-sequence ids from the tokenizer and the model config."""
+    ids: set[int] = set()
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    cfg_eos = (hf_config or {}).get("eos_token_id")
+    if isinstance(cfg_eos, int):
+        ids.add(cfg_eos)
+    elif isinstance(cfg_eos, list):
+        ids.update(int(i) for i in cfg_eos)
+    return tuple(sorted(ids))
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: ElasticModel,
+        tokenizer: Any = None,
+        controller: Controller | None = None,
+        config: EngineConfig = EngineConfig(),
+        observer: EngineObserver | None = None,
+        eos_ids: Seq[int] | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.controller = controller
+        self.observer = observer or EngineObserver()
+        self.eos_ids = tuple(eos_ids) if eos_ids is not None else eos_token_ids(tokenizer)
+        limit = model.args.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {limit} tokens")
+        self.max_model_len = config.max_model_len or limit
+        self.cache = model.new_kv_cache(config.kv_cache_bytes, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_batch, config.max_batched_tokens, config.chunked_prefill), self.cache)
+        self._seqs: dict[str, Sequence] = {}
+        self.step_count = 0
+        self._itl_ema: float | None = None
+        self._full_threads = self._threads = torch.get_num_threads()
+        log.info("engine: %d KV blocks of %d tokens (%.0f MiB), max_batch %d, max_model_len %d",
+                 self.cache.num_blocks, self.cache.block_size, config.kv_cache_bytes / 2**20,
+                 config.max_batch, self.max_model_len)
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, config: EngineConfig = EngineConfig(), controller: Controller | None = None,
+                    observer: EngineObserver | None = None, default_precision: str = "w8") -> "LLMEngine":
+        """An engine over a `LoadedModel` (fixed policy at `default_precision` unless a controller is given)."""
+        controller = controller or FixedPolicy(loaded, default_precision)
+        return cls(loaded.model, loaded.tokenizer, controller, config, observer,
+                   eos_token_ids(loaded.tokenizer, loaded.ckpt.hf_config))
+
+    # ------------------------------------------------------------------ requests
+
+    def make_sequence(self, request: GenerationRequest) -> Sequence:
+        """Validate a request and resolve its plan (thread-safe: touches no engine state)."""
+        n_prompt = len(request.prompt_ids)
+        total = n_prompt + request.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthError(
+                f"prompt of {n_prompt} tokens plus max_tokens {request.max_tokens} exceeds the context of "
+                f"{self.max_model_len} tokens")
+        if not self.scheduler.fits_ever(total):
+            raise ContextLengthError(
+                f"prompt of {n_prompt} tokens plus max_tokens {request.max_tokens} needs "
+                f"{self.scheduler.max_blocks(total)} KV blocks; the KV cache holds {self.cache.num_blocks}")
+        vocab = self.model.args.vocab_size
+        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if self.controller is None:
+            raise ValueError("the engine has no controller to resolve precisions")
+        plan = self.controller.initial_plan(request.spec)
+        return Sequence(request, plan, self.eos_ids, self.tokenizer)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self._seqs:
+            raise ValueError(f"request id {seq.request_id!r} is already running")
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def add_request(self, request: GenerationRequest) -> Sequence:
+        seq = self.make_sequence(request)
+        self.add_sequence(seq)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a sequence at once and free its KV blocks; None if it is not (or no longer) running."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        seq.finish(FinishReason.ABORT)
+        self.observer.on_finished(seq)
+        return seq.make_output([], seq.plan.name)
+
+    def abort_all(self, error: str | None = None) -> list[RequestOutput]:
+        outs = [o for rid in list(self._seqs) if (o := self.abort(rid)) is not None]
+        for o in outs:
+            o.error = error
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._seqs)
+
+    def stats(self) -> EngineStats:
+        c = self.cache
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, c.usage, c.num_free_blocks, c.num_blocks)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward over every scheduled row; return the outputs of sequences that advanced."""
+        t0 = time.perf_counter()
+        batch = self.schedule()
+        if not batch:
+            return []
+        plans = self.plan(batch)
+        self._set_threads(batch.num_rows)
+        logits = self.execute(batch, plans)
+        tokens = self.sample(batch, logits)
+        outputs = self.update(batch, plans, tokens)
+        self.step_count += 1
+        seconds = time.perf_counter() - t0
+        if self.controller is not None:
+            self.controller.end_step(batch.num_rows, seconds)
+        self.observer.on_step(self.stats(), batch.num_rows, seconds)
+        return outputs
+
+    def _set_threads(self, rows: int) -> None:
+        """Torch threads for a step of `rows` rows (EngineConfig.small_batch_rows)."""
+        cfg = self.config
+        if not cfg.small_batch_rows:
+            return
+        want = cfg.small_batch_threads if rows <= cfg.small_batch_rows else self._full_threads
+        if want != self._threads:
+            torch.set_num_threads(want)
+            self._threads = want
+
+    def schedule(self) -> SchedulerOutput:
+        batch = self.scheduler.schedule()
+        for seq in batch.preempted:
+            self.observer.on_preempted(seq)
+        now = time.monotonic()
+        for s in batch.scheduled:
+            if s.seq.admitted_time is None:
+                s.seq.admitted_time = now
+                self.observer.on_admitted(s.seq, now)
+        return batch
+
+    def plan(self, batch: SchedulerOutput) -> list[PrecisionPlan]:
+        """Ask the controller for every scheduled sequence's plan of this step; count changes."""
+        ctl = self.controller
+        if ctl is None:
+            return [s.seq.plan for s in batch.scheduled]
+        ctx = StepContext(self.step_count, self.scheduler.num_running, self.scheduler.num_waiting,
+                          self.cache.usage, self._itl_ema)
+        ctl.begin_step(ctx)
+        plans = []
+        for s in batch.scheduled:
+            decision = ctl.step_plan(s.seq, ctx)
+            if decision.plan != s.seq.plan:
+                log.debug("switch %s: %s -> %s (policy %s, reason %s, token %d)", s.seq.request_id, s.seq.plan.name,
+                          decision.plan.name, ctl.name, decision.reason, s.seq.num_output)
+                self.observer.on_switch(ctl.name, decision.reason, s.seq, s.seq.plan, decision.plan)
+                s.seq.plan = decision.plan
+            plans.append(s.seq.plan)
+        return plans
+
+    def execute(self, batch: SchedulerOutput, plans: list[PrecisionPlan]) -> torch.Tensor:
+        """One forward over all rows; logits [S, V] for the S sequences that sample this step."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        logits_rows: list[int] = []
+        for s in batch.scheduled:
+            start = s.seq.num_computed
+            tokens.extend(s.seq.token_ids[start : start + s.num_rows])
+            positions.extend(range(start, start + s.num_rows))
+            if s.samples:
+                logits_rows.append(len(tokens) - 1)
+        layout = build_layout(self.cache, [(s.seq.blocks, s.num_rows) for s in batch.scheduled])
+        row_bits = rows_bits([(p, s.num_rows) for p, s in zip(plans, batch.scheduled)], self.model.n_linears)
+        return self.model(torch.tensor(tokens, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
+                          self.cache, layout, row_bits, torch.tensor(logits_rows, dtype=torch.int64))
+
+    def sample(self, batch: SchedulerOutput, logits: torch.Tensor) -> list[int]:
+        """Next token per sampling sequence (greedy rows in one argmax, the rest one by one)."""
+        sampling = [s.seq for s in batch.scheduled if s.samples]
+        if not sampling:
+            return []
+        tokens = logits.argmax(-1).tolist()  # greedy for every row; replaced below where sampling
+        for i, seq in enumerate(sampling):
+            params = seq.request.sampling
+            if params.temperature > 0:
+                tokens[i] = sample(logits[i], params, seq.generator)
+        ctl = self.controller
+        if ctl is not None and ctl.needs_logits:
+            for i, seq in enumerate(sampling):
+                ctl.observe(seq, logits[i])
+        return tokens
+
+    def update(self, batch: SchedulerOutput, plans: list[PrecisionPlan], tokens: list[int]) -> list[RequestOutput]:
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        per_precision: dict[str, int] = {}
+        it = iter(tokens)
+        itls: list[float] = []
+        for s, plan in zip(batch.scheduled, plans):
+            seq = s.seq
+            seq.num_computed += s.num_rows
+            if not s.samples:
+                continue
+            token = next(it)
+            last = seq.last_token_time
+            seq.append_token(token, now)
+            per_precision[plan.name] = per_precision.get(plan.name, 0) + 1
+            if last is None:
+                self.observer.on_first_token(seq, now - seq.request.arrival_time)
+            else:
+                itls.append(now - last)
+                self.observer.on_inter_token(seq, now - last)
+            if seq.is_finished:
+                self._seqs.pop(seq.request_id, None)
+                self.scheduler.remove(seq)
+                self.observer.on_finished(seq)
+            outputs.append(seq.make_output([token], plan.name))
+        for name, count in per_precision.items():
+            self.observer.on_tokens(name, count)
+        if itls:
+            mean = sum(itls) / len(itls)
+            self._itl_ema = mean if self._itl_ema is None else 0.8 * self._itl_ema + 0.2 * mean
+        return outputs
+
+    def run_to_completion(self) -> dict[str, list[RequestOutput]]:
+        """Step until every sequence finishes (tests and offline use); outputs per request id."""
+        outs: dict[str, list[RequestOutput]] = {}
+        while self.has_unfinished():
+            for o in self.step():
+                outs.setdefault(o.request_id, []).append(o)
+        return outs
+

@@ -1,0 +1,211 @@
+"""Request and sequence state for the engine: what a client asked for and how far it has got.
+
+A `GenerationRequest` is the validated request (prompt token ids, sampling, stops, precision
+spec). A `Sequence` is its run-time state: token ids (prompt + generated), how many of them are
+already in the KV cache (`num_computed`), its KV blocks, its current precision plan and the text
+produced so far (incremental detokenization with stop strings). A `RequestOutput` is what one
+engine step hands back for one sequence.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence as Seq
+
+import torch
+
+from quept.model.kv_cache import SequenceBlocks
+from quept.precision.spec import PrecisionSpec
+from quept.precision.plan import PrecisionPlan
+from quept.engine.sampler import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended (the OpenAI `finish_reason`, plus vLLM's `abort`)."""
+
+    STOP = "stop"  # an end-of-sequence token, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context limit reached
+    ABORT = "abort"  # the client went away, or the server aborted it
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # not admitted, or preempted (its KV blocks were freed; it will recompute)
+    RUNNING = "running"  # holds KV blocks and is scheduled every step
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated generation request in token ids (the server tokenizes; the engine never sees HTTP)."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    spec: PrecisionSpec | None = None  # None: the server's default precision
+    stop: tuple[str, ...] = ()  # stop strings (not included in the text unless asked)
+    stop_token_ids: tuple[int, ...] = ()  # extra stop ids besides the tokenizer's end-of-sequence ids
+    ignore_eos: bool = False  # keep generating past end-of-sequence ids (benchmarks)
+    min_tokens: int = 0  # no stop (id or string) before this many tokens
+    include_stop_str_in_output: bool = False
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if not self.prompt_ids:
+            raise ValueError("the prompt is empty")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one sequence (new tokens and text since the previous output)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    delta_text: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    precision: str  # name of the plan that produced the new tokens
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop id or stop string that ended it (None for EOS)
+    error: str | None = None  # set when the engine failed this request
+
+
+class IncrementalDetokenizer:
+    """Text of the generated ids, decoded a few tokens at a time (vLLM's prefix/read offsets).
+
+    Stop strings are searched in the new text; while a sequence runs, the last
+    `len(longest stop) - 1` characters are held back so that a stop string split across tokens
+    never reaches a streaming client.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Seq[str] = (), include_stop: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.include_stop = include_stop
+        self.text = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.released = 0  # characters of `text` already handed out
+        self.hold = 0 if include_stop or not self.stop else max(len(s) for s in self.stop) - 1
+
+    def append(self, ids: list[int], check_stop: bool) -> str | None:
+        """Decode the newest id of `ids` (all generated ids); return the stop string hit, if any."""
+        if self.tokenizer is None:
+            return None
+        decode = self.tokenizer.decode
+        prefix = decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return None  # an incomplete UTF-8 sequence: wait for the next token
+        new = full[len(prefix) :]
+        old_len = len(self.text)
+        self.text += new
+        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        if not (check_stop and self.stop):
+            return None
+        for s in self.stop:
+            i = self.text.find(s, max(0, old_len - len(s) + 1))
+            if i >= 0:
+                self.text = self.text[: i + len(s) if self.include_stop else i]
+                return s
+        return None
+
+    def take(self, finished: bool) -> str:
+        """Text not yet handed out (all of it once finished, else all but the held-back tail)."""
+        end = len(self.text) if finished else max(self.released, len(self.text) - self.hold)
+        delta = self.text[self.released : end]
+        self.released = end
+        return delta
+
+
+class Sequence:
+    """Run-time state of one request inside the engine (touched only by the engine thread)."""
+
+    def __init__(self, request: GenerationRequest, plan: PrecisionPlan, eos_ids: Seq[int] = (), tokenizer: Any = None) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.plan = plan  # the plan of the next step (the controller may change it between steps)
+        self.status = SequenceStatus.WAITING
+        self.token_ids: list[int] = list(request.prompt_ids)  # prompt + generated
+        self.num_prompt = len(request.prompt_ids)
+        self.num_computed = 0  # leading token_ids already written to the KV cache
+        self.blocks = SequenceBlocks()
+        stop_ids = set(request.stop_token_ids)
+        if not request.ignore_eos:
+            stop_ids.update(eos_ids)
+        self.stop_ids = frozenset(stop_ids)
+        self.generator: torch.Generator | None = request.sampling.generator()
+        self.detok = IncrementalDetokenizer(tokenizer, request.stop, request.include_stop_str_in_output)
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+        self.admitted_time: float | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.finished_time: float | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Rows this sequence still has to run before it can sample (prompt chunk, or 1 to decode)."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def preempt(self) -> None:
+        """Forget the KV state (blocks freed by the caller); the next admission recomputes prompt + output."""
+        self.status = SequenceStatus.WAITING
+        self.num_computed = 0
+        self.num_preemptions += 1
+
+    def append_token(self, token: int, now: float) -> None:
+        """Add a sampled token; finish the sequence on a stop id, a stop string or the length limit."""
+        self.token_ids.append(token)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
+        req = self.request
+        may_stop = self.num_output >= req.min_tokens
+        if token in self.stop_ids and may_stop:
+            self.finish(FinishReason.STOP, None if token not in req.stop_token_ids else token, now)
+            return
+        hit = self.detok.append(self.output_ids, check_stop=may_stop)
+        if hit is not None:
+            self.finish(FinishReason.STOP, hit, now)
+        elif self.num_output >= req.max_tokens:
+            self.finish(FinishReason.LENGTH, None, now)
+
+    def finish(self, reason: FinishReason, stop_reason: int | str | None = None, now: float | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.finished_time = time.monotonic() if now is None else now
+
+    def make_output(self, new_ids: list[int], precision: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            new_token_ids=new_ids,
+            delta_text=self.detok.take(self.is_finished),
+            num_prompt_tokens=self.num_prompt,
+            num_output_tokens=self.num_output,
+            precision=precision,
+            finished=self.is_finished,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )

@@ -1,0 +1,1 @@
+"""Quality measurement: perplexity on fixed windows of a text file (`quept eval`)."""

@@ -1,0 +1,117 @@
+"""Perplexity on fixed windows of a text file (DESIGN §6): `quept eval`.
+
+Protocol: the file is tokenized once (no special tokens); the first `windows` non-overlapping
+windows of `seq_len` tokens from its start are scored, each from an empty cache; perplexity is
+exp(mean next-token NLL) over all scored tokens. Every row of a table uses the same windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from quept.model.kv_cache import SequenceBlocks
+from quept.model.model import ElasticModel, build_layout
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class EvalRow:
+    name: str  # e.g. "nested w4", "independent-rtn w4", "unquantized"
+    kind: str  # "unquantized" | "independent-rtn" | "nested" | "calibrated" | "mixed" ...
+    bits: float  # real bits per weight of the elastic linears (16 for unquantized fp)
+    ppl: float
+    nll: float
+    seconds: float
+
+
+def token_windows(tokenizer: Any, path: Path, windows: int, seq_len: int) -> torch.Tensor:
+    """The first `windows` windows of `seq_len` tokens of `path`: [windows, seq_len]."""
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation file {path} not found")
+    # Tokenize only as much text as the windows need (about 4 characters per token, doubled for margin).
+    text = path.read_text(encoding="utf-8")[: windows * seq_len * 8]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < windows * seq_len:
+        raise ValueError(f"{path} has {len(ids)} tokens, fewer than {windows} windows of {seq_len}")
+    return torch.tensor(ids[: windows * seq_len], dtype=torch.int64).view(windows, seq_len)
+
+
+def window_nll(model: ElasticModel, window: torch.Tensor, row_bits: torch.Tensor | int) -> tuple[float, int]:
+    """Summed next-token NLL of one window [L] and the number of scored tokens."""
+    n = window.shape[0]
+    cache = model.new_kv_cache(budget_bytes=0, block_size=n)  # one block holds the whole window
+    layout = build_layout(cache, [(SequenceBlocks(), n)])
+    bits = row_bits if isinstance(row_bits, int) else row_bits.unsqueeze(0).expand(n, -1)
+    logits = model(window, torch.arange(n), cache, layout, bits)  # [L, V]
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), window[1:], reduction="sum")
+    return float(nll), n - 1
+
+
+def perplexity(
+    model: ElasticModel, windows: torch.Tensor, row_bits: torch.Tensor | int, desc: str = "", progress: bool = True
+) -> tuple[float, float]:
+    """(perplexity, mean NLL) over windows [W, L]."""
+    total, count = 0.0, 0
+    for w in tqdm(windows, desc=desc, unit="window", leave=False, disable=not progress):
+        nll, n = window_nll(model, w, row_bits)
+        total, count = total + nll, count + n
+    mean = total / count
+    return math.exp(mean), mean
+
+
+def run_rows(
+    windows: torch.Tensor, jobs: Iterable[tuple[str, str, float, Callable[[], tuple[ElasticModel, torch.Tensor | int]]]],
+    progress: bool = True,
+) -> list[EvalRow]:
+    """Evaluate each (name, kind, bits, make_model) job on the same windows."""
+    rows = []
+    for name, kind, bits, make in jobs:
+        t0 = time.perf_counter()
+        model, row_bits = make()
+        ppl, nll = perplexity(model, windows, row_bits, desc=name, progress=progress)
+        rows.append(EvalRow(name, kind, bits, ppl, nll, round(time.perf_counter() - t0, 1)))
+        log.info("%s: ppl %.3f", name, ppl)
+    return rows
+
+
+def results_json(rows: list[EvalRow], protocol: dict[str, Any], command: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"command": command, "protocol": protocol, "rows": [asdict(r) for r in rows], **(extra or {})}
+
+
+def format_table(rows: list[EvalRow]) -> str:
+    lines = [f"{'model':<28} {'bits/w':>7} {'ppl':>10} {'seconds':>8}"]
+    lines += [f"{r.name:<28} {r.bits:>7.2f} {r.ppl:>10.3f} {r.seconds:>8.1f}" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[EvalRow], out_png: Path, title: str) -> None:
+    """Perplexity against bits per weight, one curve per kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind in dict.fromkeys(r.kind for r in rows):
+        pts = sorted((r.bits, r.ppl) for r in rows if r.kind == kind)
+        if kind == "unquantized":
+            ax.axhline(pts[0][1], color="k", ls="--", lw=1, label=f"unquantized ({pts[0][1]:.1f})")
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (codes, elastic linears)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,162 @@
+"""The `native` backend through the backend interface and in the model, against the torch backend and the reference."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import pytest
+import torch
+
+import quept.kernels.native as native_mod
+from quept.kernels.native import find_compiler
+from quept.kernels.native_ref import elastic_linear_emulated, magnitude
+from quept.kernels.reference import elastic_linear_ref
+from quept.backends import get_backend
+from quept.backends.base import ElasticWeights
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler: the native kernels cannot be built")
+
+WIDTHS = (8, 6, 5, 4, 3, 2)
+
+
+def weights(gen: torch.Generator, n: int, k: int, group_size: int, ranks=(0, 2, 4, 4, 8, 8), bias: bool = True):
+    r, w = max(ranks), len(WIDTHS)
+    return ElasticWeights(
+        codes=torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=gen),
+        scales=((torch.rand(w, n, k // group_size, generator=gen) + 0.1) * 0.02).half(),
+        mins=(torch.randn(w, n, k // group_size, generator=gen) * 0.5).half(),
+        lora_a=(torch.randn(r, k, generator=gen) * 0.1).half(),
+        lora_b=(torch.randn(n, r, generator=gen) * 0.1).half(),
+        bias=torch.randn(n, generator=gen) if bias else None,
+        widths=WIDTHS, ranks=ranks, group_size=group_size,
+    )
+
+
+def args(w: ElasticWeights) -> tuple:
+    return (w.codes, w.scales, w.mins, w.lora_a, w.lora_b)
+
+
+@pytest.fixture
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def test_get_backend_picks_native_on_cpu() -> None:
+    assert get_backend("native").name == "native"
+    assert get_backend("auto", "cpu").name == "native"
+
+
+@pytest.mark.parametrize("row_bits", [4, "tensor0d", "mixed"])
+def test_forward_matches_emulation_and_reference(gen, row_bits) -> None:
+    be = get_backend("native")
+    w = weights(gen, n=67, k=256, group_size=64)
+    x = torch.randn(9, 256, generator=gen)
+    if row_bits == "tensor0d":
+        row_bits = torch.tensor(3)
+    elif row_bits == "mixed":
+        row_bits = torch.tensor(WIDTHS, dtype=torch.int16)[torch.randint(0, 6, (9,), generator=gen)]
+    got = be.forward(be.prepare(w), x, row_bits)
+    rb = int(row_bits) if isinstance(row_bits, torch.Tensor) and row_bits.dim() == 0 else row_bits
+    emu = elastic_linear_emulated(x, *args(w), rb, w.widths, w.ranks, w.group_size, w.bias)
+    mag = magnitude(x, *args(w), rb, w.widths, w.ranks, w.group_size, w.bias)
+    assert ((got.double() - emu.double()).abs() <= 1e-5 * mag + 1e-6).all()
+    ref = elastic_linear_ref(x, *args(w), rb, w.widths, w.ranks, w.group_size, w.bias)
+    assert float((got - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("live", [0, 3, 8])
+def test_zero_adapter_components_are_skipped_exactly(gen, live: int) -> None:
+    """A round-to-nearest build stores zero adapters: the kernel skips the zero components (fewer
+    bytes and FMAs), and the output is what the stored ranks give."""
+    be = get_backend("native")
+    w = weights(gen, n=40, k=128, group_size=32, ranks=(0, 2, 4, 4, 6, 8))
+    w.lora_a[live:] = 0  # components live.. contribute nothing
+    assert w.effective_ranks() == tuple(min(r, live) for r in w.ranks)
+    prepared = be.prepare(w)
+    full = be.prepare(weights(torch.Generator().manual_seed(0), n=40, k=128, group_size=32, ranks=(0, 2, 4, 4, 6, 8)))
+    assert be.resident_bytes(prepared) < be.resident_bytes(full) or live == 8
+    x = torch.randn(5, 128, generator=gen)
+    for bits in WIDTHS:
+        emu = elastic_linear_emulated(x, *args(w), bits, w.widths, w.ranks, w.group_size, w.bias)
+        mag = magnitude(x, *args(w), bits, w.widths, w.ranks, w.group_size, w.bias)
+        got = be.forward(prepared, x, bits)
+        assert ((got.double() - emu.double()).abs() <= 1e-5 * mag + 1e-6).all(), bits
+
+
+def test_effective_ranks_keep_the_prefix_up_to_the_last_live_component(gen) -> None:
+    w = weights(gen, n=16, k=64, group_size=32, ranks=(0, 2, 4, 4, 6, 8))
+    w.lora_b[:, 1] = 0  # a dead component inside the prefix: components after it still count
+    w.lora_a[6:] = 0
+    assert w.effective_ranks() == (0, 2, 4, 4, 6, 6)
+    w.lora_b.zero_()
+    assert w.effective_ranks() == (0,) * 6
+
+
+def test_leading_dims_and_resident_bytes(gen) -> None:
+    be = get_backend("native")
+    w = weights(gen, n=48, k=128, group_size=32, bias=False)
+    prep = be.prepare(w)
+    x = torch.randn(2, 3, 128, generator=gen)
+    assert be.forward(prep, x, 5).shape == (2, 3, 48)
+    # 8 planes (one byte per weight) + fp16 scales and mins for 6 widths + fp16 adapters
+    expect = 48 * 128 + 2 * 6 * 48 * 4 * 2 + 8 * 128 * 2 + 48 * 8 * 2
+    assert be.resident_bytes(prep) == expect
+
+
+def test_group_size_16_runs_on_torch_fallback(gen, caplog) -> None:
+    be = get_backend("native")
+    w = weights(gen, n=24, k=64, group_size=16)
+    with caplog.at_level(logging.WARNING):
+        prep = be.prepare(w)
+    assert prep.layer is None and "torch backend" in caplog.text
+    x = torch.randn(3, 64, generator=gen)
+    ref = elastic_linear_ref(x, *args(w), 6, w.widths, w.ranks, w.group_size, w.bias)
+    torch.testing.assert_close(be.forward(prep, x, 6), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_build_loads_without_a_compiler(monkeypatch) -> None:
+    native_mod.load_native()  # built (or found) with the compiler
+    monkeypatch.setattr(native_mod, "_module", None)
+    monkeypatch.setattr(native_mod, "find_compiler", lambda: None)
+    assert native_mod.load_native().available_isas()[0] == "generic"
+
+
+def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog) -> None:
+    monkeypatch.setenv("QUEPT_CACHE_DIR", str(tmp_path))  # nothing built there
+    monkeypatch.setattr(native_mod, "_module", None)
+    monkeypatch.setattr(native_mod, "find_compiler", lambda: None)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        get_backend("native")
+    with caplog.at_level(logging.WARNING):
+        be = get_backend("auto", "cpu")
+    assert be.name == "torch" and "native CPU backend unavailable" in caplog.text
+
+
+def test_tiny_model_matches_torch_backend(tiny_ckpt) -> None:
+    """Greedy decode on the tiny random model: logits within the int8-activation tolerance of the torch backend."""
+    from quept.model.kv_cache import SequenceBlocks
+    from quept.model.loader import load_model
+    from quept.model.model import build_layout
+
+    lms = [load_model(tiny_ckpt, backend=name) for name in ("torch-fp32", "native")]
+    assert lms[1].backend.name == "native"
+    gen = torch.Generator().manual_seed(11)
+    n = lms[0].model.n_linears
+    widths = torch.tensor(WIDTHS)
+    tokens = torch.randint(0, lms[0].model.args.vocab_size, (10,), generator=gen)
+    row_bits = widths[torch.randint(0, 6, (10, n), generator=gen)]  # [T, n_linears]: every row, every linear
+    logits = []
+    for lm in lms:
+        model = lm.model
+        cache = model.new_kv_cache(1 << 20, block_size=4)
+        seqs = [SequenceBlocks(), SequenceBlocks()]
+        out = [model(tokens[:7], torch.cat([torch.arange(4), torch.arange(3)]), cache,
+                     build_layout(cache, [(seqs[0], 4), (seqs[1], 3)]), row_bits[:7])]
+        for step in range(3):  # decode both sequences, one row each
+            out.append(model(tokens[7:9], torch.tensor([4 + step, 3 + step]), cache,
+                             build_layout(cache, [(s, 1) for s in seqs]), row_bits[7:9]))
+        logits.append(torch.cat(out))
+    want, got = logits
+    assert float((got - want).norm() / want.norm()) < 5e-2  # int8 activations: ~0.6% per linear, 15 linears deep
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
