@@ -280,13 +280,14 @@ def load_perplexities(checkpoint: Path, backend: str) -> tuple[dict[int, float],
                    if r.get("kind") in ("nested", "calibrated") and float(r["bits"]).is_integer()}
             if ppl:
                 return ppl, f"benchmarks/results/{name}"
-    from quept.data import calib_file, eval_file
+    from quept.data import eval_file
     from quept.eval.perplexity import perplexity, token_windows
     from quept.model.loader import load_model
+    from quept.precision.plan import PrecisionPlan
 
     lm = load_model(checkpoint, backend=backend)
     windows = token_windows(lm.tokenizer, eval_file(), 2, 512)
-    ppl = {b: perplexity(lm.model, windows, b, progress=False)[0] for b in (8, 6, 5, 4)}
+    ppl = {b: perplexity(lm.model, windows, PrecisionPlan.uniform(b), progress=False)[0] for b in (8, 6, 5, 4)}
     return ppl, "quick evaluation: first 2 windows of 512 tokens of wikitext-2 test.txt"
 
 
@@ -297,8 +298,9 @@ def auto_slo(checkpoint: Path, backend: str, peak: int, tail: float) -> tuple[fl
     from quept.precision.plan import PrecisionPlan
 
     lm = load_model(checkpoint, backend=backend)
-    cm = CostModel.profile(lm.model, [PrecisionPlan.uniform(8), PrecisionPlan.uniform(4)], [1, peak], reps=3)
-    t8, t4 = cm.base("w8", peak), cm.base("w4", peak)
+    w8, w4 = PrecisionPlan.uniform(8), PrecisionPlan.uniform(4)
+    cm = CostModel.profile(lm.model, [w8, w4], [1, peak], reps=3)
+    t8, t4 = cm.base(w8, peak), cm.base(w4, peak)
     return round(tail * math.sqrt(t8 * t4) * 1e3, 1), {"backend": lm.backend.name, **cm.report()["profiled_ms"]}
 
 

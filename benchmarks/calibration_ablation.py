@@ -28,10 +28,13 @@ from quept.build.builder import DEFAULT_RANKS, resolve_group_size  # noqa: E402
 from quept.build.calibration import CalibConfig  # noqa: E402
 from quept.build.calibration.data import load_calib_data  # noqa: E402
 from quept.build.calibration.driver import calibrate_layers  # noqa: E402
+from quept.build.source import load_source  # noqa: E402
 from quept.data import calib_file, eval_file  # noqa: E402
 from quept.eval.perplexity import perplexity, token_windows  # noqa: E402
 from quept.model.model import dense_model  # noqa: E402
-from quept.build.source import load_source  # noqa: E402
+from quept.precision.plan import PrecisionPlan  # noqa: E402
+
+DENSE = PrecisionPlan.uniform(8)  # a dense model reads no widths
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 
@@ -65,7 +68,7 @@ def main() -> int:
              "nested-search-only": (replace(base, train=False), zero)}
     results = {}
     out_json = a.out.with_suffix(".json")
-    fp_ppl = perplexity(dense_model(src.args, src.state), windows, 8, progress=False)[0]
+    fp_ppl = perplexity(dense_model(src.args, src.state), windows, DENSE, progress=False)[0]
     for name in a.variants.split(","):
         cfg, ranks = specs[name]
         t0 = time.perf_counter()
@@ -77,7 +80,7 @@ def main() -> int:
             with torch.no_grad():
                 for n, m in res.layers.items():
                     state[f"{n}.weight"] = m.effective_weight(i).detach()
-                row["ppl"][f"w{b}"] = round(perplexity(dense_model(src.args, state), windows, 8, progress=False)[0], 3)
+                row["ppl"][f"w{b}"] = round(perplexity(dense_model(src.args, state), windows, DENSE, progress=False)[0], 3)
         results[name] = row
         print(name, row, flush=True)
         out_json.parent.mkdir(parents=True, exist_ok=True)

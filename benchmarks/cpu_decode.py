@@ -198,10 +198,10 @@ def work_kernels(checkpoint: str, threads: int, reps: int = 7) -> dict[str, Any]
     of `reps` passes, wall and CPU time, and the bytes each width reads (codes, affines, adapters)."""
     import torch
 
-    from quept.kernels.native import available_isas, set_isa
     from quept.backends.native import NativeBackend
+    from quept.kernels.native import available_isas, set_isa
+    from quept.model.args import linear_names
     from quept.model.checkpoint import load_checkpoint
-    from quept.model.model import linear_names
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)

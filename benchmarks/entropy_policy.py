@@ -128,8 +128,7 @@ def main() -> int:
     for name in uniform:
         plan = lm.plan_for(name)
         r = run_config(lm, windows, plan, plan, math.inf, args.quiet_window)
-        bits = plan.uniform_bits if plan.uniform_bits is not None else plan.row_vector(lm.model.n_linears)
-        r["ppl_one_forward"] = round(perplexity(lm.model, windows, bits, progress=False)[0], 4)
+        r["ppl_one_forward"] = round(perplexity(lm.model, windows, plan, progress=False)[0], 4)
         rows.append({"name": name, "kind": "uniform", **r})
         print(f"{name:<24} ppl {r['ppl']:9.3f}  {r['tokens_per_s']:6.1f} tok/s", flush=True)
     for low in lows:

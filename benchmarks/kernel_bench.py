@@ -21,8 +21,9 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, also without `pip install -e .`
 
@@ -72,6 +73,8 @@ def cpu_timer(fn: Callable[[], Any], reps: int = 3) -> float:
 
 def bench_linear(backend: Any, weights: Any, m: int, dtype: torch.dtype, timer: Timer) -> list[dict[str, Any]]:
     """One shape at M rows: fp16 matmul, then every width and a mixed batch through the backend."""
+    from quept.precision.segments import segments_of
+
     n, k = weights.codes.shape
     dev = weights.codes.device
     g = weights.group_size
@@ -83,12 +86,12 @@ def bench_linear(backend: Any, weights: Any, m: int, dtype: torch.dtype, timer: 
     rows = []
     mixed = torch.tensor([WIDTHS[i % len(WIDTHS)] for i in range(m)], device=dev)
     for bits in (*WIDTHS, "mixed"):
-        row_bits = mixed if bits == "mixed" else int(bits)
+        row_bits = segments_of(mixed.tolist()) if bits == "mixed" else int(bits)
         present = sorted(set(mixed.tolist())) if bits == "mixed" else [int(bits)]
         top = max(present)
         rank = max(RANKS[WIDTHS.index(b)] for b in present)
         backend.forward(prepared, x, row_bits)  # autotune and compile outside the timing
-        t = timer(lambda: backend.forward(prepared, x, row_bits))
+        t = timer(lambda row_bits=row_bits: backend.forward(prepared, x, row_bits))
         traffic = elastic_traffic(m, n, k, top, g, rank, act_bytes=x.element_size(), widths_present=len(present))
         nbytes = total_bytes(traffic)
         ideal = ideal_speedup(top, g)

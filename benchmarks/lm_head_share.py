@@ -18,11 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, also without `pip install -e .`
 
-import torch  # noqa: E402
-
-from quept.data import calib_file, eval_file  # noqa: E402
+from quept.data import eval_file  # noqa: E402
 from quept.eval.perplexity import perplexity, token_windows  # noqa: E402
 from quept.model.loader import load_model  # noqa: E402
+from quept.precision.plan import PrecisionPlan  # noqa: E402
 
 
 def main() -> int:
@@ -41,9 +40,8 @@ def main() -> int:
     rows = []
     for b in (int(x) for x in args.widths.split(",")):
         for head_bits in (b, 8):
-            bits = torch.full((n,), b, dtype=torch.int64)
-            bits[-1] = head_bits  # the lm_head is the model's last linear
-            ppl, _ = perplexity(lm.model, windows, bits, desc=f"w{b} head w{head_bits}")
+            plan = PrecisionPlan(f"w{b}+head-w{head_bits}", per_linear=(b,) * (n - 1) + (head_bits,))  # lm_head last
+            ppl, _ = perplexity(lm.model, windows, plan, desc=f"w{b} head w{head_bits}")
             avg = (b * (total - head) + head_bits * head) / total
             rows.append({"bits": b, "lm_head_bits": head_bits, "avg_bits": round(avg, 3), "ppl": ppl})
             print(f"w{b} with lm_head w{head_bits}: {avg:.2f} bits/weight, perplexity {ppl:.3f}", flush=True)

@@ -14,8 +14,9 @@ import sys
 import time
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from quept.errors import QueptError
 
@@ -67,7 +68,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--backend", default="auto", help="auto|torch|torch-fp32|native|triton (torch computes in fp16; torch-fp32 is the exact reference)")
+    g.add_argument("--backend", default="auto",
+                   help="auto|torch|torch-fp32|native|triton (torch computes in fp16; torch-fp32 is the exact reference)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
     e = sub.add_parser("eval", help="perplexity table on wikitext-2 test.txt")
@@ -138,8 +140,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from quept.engine.generate import generate
-    from quept.model.loader import load_model
     from quept.engine.sampler import SamplingParams
+    from quept.model.loader import load_model
 
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -169,6 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from quept.eval.perplexity import format_table, plot_rows, results_json, run_rows, token_windows
     from quept.model.loader import load_model
     from quept.model.model import dense_model
+    from quept.precision.plan import PrecisionPlan
 
     lm = load_model(args.checkpoint, backend=args.backend)
     specs = [s.strip() for s in args.precision.split(",") if s.strip()]
@@ -179,22 +182,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "tokens_scored": args.windows * (args.seq_len - 1), "group_size": lm.ckpt.group_size,
                 "checkpoint": str(args.checkpoint), "source": lm.ckpt.meta.get("source")}
     jobs: list[tuple[str, str, float, Callable[[], Any]]] = []
+    dense = PrecisionPlan.uniform(8)  # dense models read no widths
     source = None
     if args.baselines == "all":
         from quept.build.source import load_source
 
         source = load_source(lm.ckpt.meta.get("source"))
-        jobs.append(("unquantized", "unquantized", 16.0, lambda: (dense_model(source.args, source.state), 8)))
+        jobs.append(("unquantized", "unquantized", 16.0, lambda: (dense_model(source.args, source.state), dense)))
     method = lm.ckpt.meta.get("calibration") and "calibrated" or "nested"
-    for spec, plan in zip(specs, plans):
+    for plan in plans:
         bits = plan.avg_bits or float(plan.uniform_bits or 8)
         if source is not None and plan.uniform_bits is not None:
             b = plan.uniform_bits
             jobs.append((f"independent-rtn w{b}", "independent-rtn", float(b),
-                         lambda b=b: (independent_rtn_model(source.args, source.state, b, lm.ckpt.group_size), 8)))
+                         lambda b=b: (independent_rtn_model(source.args, source.state, b, lm.ckpt.group_size), dense)))
         kind = method if plan.uniform_bits is not None else "mixed"
-        row_bits = plan.uniform_bits if plan.uniform_bits is not None else plan.row_vector(lm.model.n_linears)
-        jobs.append((f"{kind} {plan.name}", kind, bits, lambda rb=row_bits: (lm.model, rb)))
+        jobs.append((f"{kind} {plan.name}", kind, bits, lambda plan=plan: (lm.model, plan)))
     rows = run_rows(windows, jobs)
     print(f"perplexity on {path.name}: first {args.windows} windows of {args.seq_len} tokens")
     print(format_table(rows))

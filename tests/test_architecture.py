@@ -45,7 +45,6 @@ def test_a_forbidden_import_breaks_the_lint(tmp_path: Path, module: str, line: s
 def test_no_top_level_package_but_quept() -> None:
     """What `pip install` puts into site-packages is the `quept` package only: no `server` or `kernels` beside it."""
     import tomllib
-
     from setuptools import find_packages
 
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-
 import json
 from pathlib import Path
 
@@ -94,8 +93,8 @@ def test_build_group_size_defaults_to_the_source_block(tmp_path: Path, capsys, m
 def test_build_affine_defaults_to_least_squares(tmp_path: Path, capsys, monkeypatch, flag, expected, anchor) -> None:
     """Default: least-squares affines over codes anchored at 4 bits; --affine centre takes min/max codes."""
     from quept.build import source as source_mod
-    from quept.model.checkpoint import load_checkpoint
     from quept.build.quantizer import quantize_nested
+    from quept.model.checkpoint import load_checkpoint
     from tests.tiny import tiny_source
 
     src = tiny_source()

@@ -118,3 +118,18 @@ def tiny_gguf(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]], seed:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def prefill_then_decode(model, ids: torch.Tensor, plan, n_prefill: int, block_size: int = 4) -> torch.Tensor:
+    """Logits [L, V] of every position of ids [L]: a prefill of `n_prefill` rows, then one decode step per
+    token through the paged cache (`plan`: a PrecisionPlan or a uniform width)."""
+    from quept.model.runner import ModelRunner, SeqRows, StepBatch
+    from quept.precision.plan import PrecisionPlan
+
+    plan = PrecisionPlan.uniform(plan) if isinstance(plan, int) else plan
+    runner, (table,) = ModelRunner.scratch(model, 1, len(ids), block_size)
+    tokens = ids.tolist()
+    out = [runner.execute(StepBatch([SeqRows(tokens[:n_prefill], 0, table, plan)], all_logits=True))]
+    for t in range(n_prefill, len(tokens)):
+        out.append(runner.execute(StepBatch([SeqRows(tokens[t : t + 1], t, table, plan)], all_logits=True)))
+    return torch.cat(out)

@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
+from quept.precision.segments import WidthSegments
+
 
 @dataclass
 class ElasticWeights:
-    """One elastic linear as stored in the checkpoint (DESIGN §2)."""
+    """One elastic linear as stored in the checkpoint (docs/architecture.md, "The elastic checkpoint")."""
 
     codes: torch.Tensor  # uint8 [N, K]
     scales: torch.Tensor  # fp16 [W, N, K // G]
@@ -69,8 +71,8 @@ class ElasticBackend(ABC):
         """Repack one layer at load time; the result is passed back to `forward`."""
 
     @abstractmethod
-    def forward(self, prepared: Any, x: torch.Tensor, row_bits: torch.Tensor | int) -> torch.Tensor:
-        """x: [M, K] activations; row_bits: one width for all rows, or int tensor [M]. Returns [M, N]."""
+    def forward(self, prepared: Any, x: torch.Tensor, widths: int | WidthSegments) -> torch.Tensor:
+        """x: [M, K] activations; widths: one width for all rows, or the rows grouped by width. Returns [M, N]."""
 
     def resident_bytes(self, prepared: Any) -> int:
         """Bytes this backend keeps resident for one layer (for memory reports)."""

@@ -25,6 +25,7 @@ import torch
 
 from quept.backends.base import ElasticBackend, ElasticWeights
 from quept.backends.torch_dense import TorchBackend, TorchPrepared
+from quept.precision.segments import WidthSegments
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +109,20 @@ class NativeBackend(ElasticBackend):
                                 bias, list(weights.widths), list(ranks), g)
         return NativePrepared(layer, None, n, k)
 
-    def forward(self, prepared: NativePrepared, x: torch.Tensor, row_bits: torch.Tensor | int) -> torch.Tensor:
+    def forward(self, prepared: NativePrepared, x: torch.Tensor, widths: int | WidthSegments) -> torch.Tensor:
         layer = prepared.layer
         if layer is None:
-            return self._torch.forward(prepared.fallback, x, row_bits)  # type: ignore[arg-type]
+            return self._torch.forward(prepared.fallback, x, widths)  # type: ignore[arg-type]
         if x.dim() != 2:  # [..., K] -> [M, K]
             lead = x.shape[:-1]
-            return self.forward(prepared, x.reshape(-1, x.shape[-1]), row_bits).view(*lead, prepared.out_features)
-        if isinstance(row_bits, int):
-            return layer.forward(x, row_bits)
-        if row_bits.dim() == 0:
-            return layer.forward(x, int(row_bits))
-        return layer.forward_rows(x, row_bits)
+            return self.forward(prepared, x.reshape(-1, x.shape[-1]), widths).view(*lead, prepared.out_features)
+        if isinstance(widths, int):
+            return layer.forward(x, widths)
+        return layer.forward_segments(x, widths.form("native", self._native_segments))
+
+    def _native_segments(self, widths: WidthSegments) -> Any:
+        """The C++ form of a step's segments, made once per step and shared by every linear that reads them."""
+        return self._ext.Segments(widths.order.to(torch.int32), list(widths.bits), list(widths.bounds))
 
     def layer_ops(self) -> "NativeLayerOps":
         return NativeLayerOps(self._ext)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quept.kernels.reference import dequantize, width_index
 from quept.backends.base import ElasticBackend, ElasticWeights
-
+from quept.kernels.reference import dequantize, width_index
+from quept.precision.segments import WidthSegments
 
 HALF_ROWS_MAX = 4
 NAMES = {torch.float16: "torch", torch.float32: "torch-fp32", torch.bfloat16: "torch-bf16"}  # compute dtype -> name
@@ -74,16 +74,13 @@ class TorchBackend(ElasticBackend):
             return torch.nn.functional.linear(x, w.to(x.dtype), bias)
         return out.to(x.dtype)
 
-    def forward(self, prepared: TorchPrepared, x: torch.Tensor, row_bits: torch.Tensor | int) -> torch.Tensor:
-        if isinstance(row_bits, int):
-            return self.linear(prepared, x, row_bits)
-        bits_present = torch.unique(row_bits).tolist()
-        if len(bits_present) == 1:
-            return self.linear(prepared, x, int(bits_present[0]))
+    def forward(self, prepared: TorchPrepared, x: torch.Tensor, widths: int | WidthSegments) -> torch.Tensor:
+        if isinstance(widths, int):
+            return self.linear(prepared, x, widths)
         out = x.new_empty(x.shape[0], prepared.weights.out_features)
-        for bits in bits_present:
-            rows = (row_bits == bits).nonzero().flatten()
-            out.index_copy_(0, rows, self.linear(prepared, x.index_select(0, rows), int(bits)))
+        for i, bits in enumerate(widths.bits):
+            rows = widths.rows(i)  # [n_i]
+            out.index_copy_(0, rows, self.linear(prepared, x.index_select(0, rows), bits))
         return out
 
     def resident_bytes(self, prepared: TorchPrepared) -> int:

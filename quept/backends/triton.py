@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from quept.backends.base import ElasticBackend, ElasticWeights
+from quept.precision.segments import WidthSegments
 
 
 @dataclass
@@ -77,15 +78,14 @@ class TritonBackend(ElasticBackend):
             group_size=g,
         )
 
-    def forward(self, prepared: TritonPrepared, x: torch.Tensor, row_bits: torch.Tensor | int) -> torch.Tensor:
+    def forward(self, prepared: TritonPrepared, x: torch.Tensor, widths: int | WidthSegments) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         m = x2.shape[0]
-        if not isinstance(row_bits, int) and row_bits.dim() == 0:
-            row_bits = int(row_bits)
-        uniform = isinstance(row_bits, int)
+        uniform = isinstance(widths, int)
+        row_bits = widths if uniform else widths.form(f"row_bits@{x2.device}", lambda s: s.row_bits.to(x2.device))
         row_widx = self._ops.row_width_index(row_bits, m, prepared.widths, prepared.lut)  # int32 [M]
         p = prepared
         y = torch.ops.quept.elastic_linear(x2, p.planes, p.scales, p.mins, p.lora_a, p.lora_b, p.bias,

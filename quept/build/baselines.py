@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from quept.build.quantizer import quantize_independent
-from quept.model.model import ElasticModel, dense_model, linear_names
+from quept.model.args import linear_names
+from quept.model.model import ElasticModel, dense_model
 
 
 def independent_rtn_model(model_args: Any, state: dict[str, torch.Tensor], bits: int, group_size: int) -> ElasticModel:

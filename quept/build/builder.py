@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from quept.kernels.reference import DEFAULT_WIDTHS
 from quept.backends.base import ElasticWeights
-from quept.model.checkpoint import write_checkpoint
-from quept.model.model import linear_names
 from quept.build.quantizer import check_group_size, check_widths, quantize_nested
 from quept.build.source import SourceModel
+from quept.kernels.reference import DEFAULT_WIDTHS
+from quept.model.args import linear_names
+from quept.model.checkpoint import write_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ baseline that nesting is measured against.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

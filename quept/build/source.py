@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from quept.errors import SourceModelError
-from quept.model.model import SUPPORTED_MODEL_TYPES, ModelArgs
+from quept.model.args import SUPPORTED_MODEL_TYPES, ModelArgs
 
 log = logging.getLogger(__name__)
 

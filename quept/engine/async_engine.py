@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from quept.engine.engine import LLMEngine
 from quept.engine.sequence import FinishReason, GenerationRequest, RequestOutput, Sequence

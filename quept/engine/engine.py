@@ -1,10 +1,10 @@
 """The serving engine: continuous batching over the paged KV cache with per-sequence precision.
 
-One `step()` reads as DESIGN §4 says:
+One `step()` reads as docs/architecture.md says:
 
     schedule  which sequences run now and how many rows each (decode rows + prefill chunks)
     plan      the controller's plan for every scheduled sequence (it may change between tokens)
-    execute   ONE model forward over all rows; each row carries its sequence's widths
+    execute   ONE forward over all rows (`ModelRunner.execute`); each row runs at its sequence's plan
     sample    the next token of every sequence whose rows reached its end
     update    append tokens, detokenize, check stops, free finished sequences' KV blocks
 
@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Any, Sequence as Seq
+from typing import Any
 
 import torch
 
-from quept.policies.base import Controller, StepContext
-from quept.policies.fixed import FixedPolicy
-from quept.errors import ContextLengthError
-from quept.model.model import ElasticModel, build_layout
-from quept.precision.plan import PrecisionPlan, rows_bits
+from quept.engine.block_manager import BlockManager
 from quept.engine.sampler import sample
 from quept.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from quept.engine.sequence import FinishReason, GenerationRequest, RequestOutput, Sequence
+from quept.errors import ContextLengthError
+from quept.model.model import ElasticModel
+from quept.model.runner import ModelRunner, SeqRows, StepBatch
+from quept.policies.base import Controller, StepContext
+from quept.policies.fixed import FixedPolicy
+from quept.precision.plan import PrecisionPlan
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,8 @@ class EngineObserver:
     def on_admitted(self, seq: Sequence, now: float) -> None:
         """A sequence got KV blocks for the first time."""
 
-    def on_tokens(self, precision: str, count: int) -> None:
-        """`count` tokens were generated at `precision` in one step."""
+    def on_tokens(self, plan: PrecisionPlan, count: int) -> None:
+        """`count` tokens were generated at `plan` in one step."""
 
     def on_first_token(self, seq: Sequence, ttft_s: float) -> None: ...
 
@@ -117,15 +120,17 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {limit} tokens")
         self.max_model_len = config.max_model_len or limit
-        self.cache = model.new_kv_cache(config.kv_cache_bytes, config.block_size)
+        cache = model.new_kv_cache(config.kv_cache_bytes, config.block_size)
+        self.runner = ModelRunner(model, cache)
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_batch, config.max_batched_tokens, config.chunked_prefill), self.cache)
+            SchedulerConfig(config.max_batch, config.max_batched_tokens, config.chunked_prefill), self.blocks)
         self._seqs: dict[str, Sequence] = {}
         self.step_count = 0
         self._itl_ema: float | None = None
         self._full_threads = self._threads = torch.get_num_threads()
         log.info("engine: %d KV blocks of %d tokens (%.0f MiB), max_batch %d, max_model_len %d",
-                 self.cache.num_blocks, self.cache.block_size, config.kv_cache_bytes / 2**20,
+                 cache.num_blocks, cache.block_size, config.kv_cache_bytes / 2**20,
                  config.max_batch, self.max_model_len)
 
     @classmethod
@@ -149,7 +154,7 @@ class LLMEngine:
         if not self.scheduler.fits_ever(total):
             raise ContextLengthError(
                 f"prompt of {n_prompt} tokens plus max_tokens {request.max_tokens} needs "
-                f"{self.scheduler.max_blocks(total)} KV blocks; the KV cache holds {self.cache.num_blocks}")
+                f"{self.blocks.blocks_for(total)} KV blocks; the KV cache holds {self.blocks.num_blocks}")
         vocab = self.model.args.vocab_size
         bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -194,8 +199,8 @@ class LLMEngine:
         return len(self._seqs)
 
     def stats(self) -> EngineStats:
-        c = self.cache
-        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, c.usage, c.num_free_blocks, c.num_blocks)
+        b = self.blocks
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, b.usage, b.num_free_blocks, b.num_blocks)
 
     # ------------------------------------------------------------------ the step
 
@@ -244,7 +249,7 @@ class LLMEngine:
         if ctl is None:
             return [s.seq.plan for s in batch.scheduled]
         ctx = StepContext(self.step_count, self.scheduler.num_running, self.scheduler.num_waiting,
-                          self.cache.usage, self._itl_ema)
+                          self.blocks.usage, self._itl_ema)
         ctl.begin_step(ctx)
         plans = []
         for s in batch.scheduled:
@@ -259,19 +264,11 @@ class LLMEngine:
 
     def execute(self, batch: SchedulerOutput, plans: list[PrecisionPlan]) -> torch.Tensor:
         """One forward over all rows; logits [S, V] for the S sequences that sample this step."""
-        tokens: list[int] = []
-        positions: list[int] = []
-        logits_rows: list[int] = []
-        for s in batch.scheduled:
-            start = s.seq.num_computed
-            tokens.extend(s.seq.token_ids[start : start + s.num_rows])
-            positions.extend(range(start, start + s.num_rows))
-            if s.samples:
-                logits_rows.append(len(tokens) - 1)
-        layout = build_layout(self.cache, [(s.seq.blocks, s.num_rows) for s in batch.scheduled])
-        row_bits = rows_bits([(p, s.num_rows) for p, s in zip(plans, batch.scheduled)], self.model.n_linears)
-        return self.model(torch.tensor(tokens, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                          self.cache, layout, row_bits, torch.tensor(logits_rows, dtype=torch.int64))
+        rows = []
+        for s, plan in zip(batch.scheduled, plans):
+            seq, start = s.seq, s.seq.num_computed
+            rows.append(SeqRows(seq.token_ids[start : start + s.num_rows], start, seq.blocks.block_table, plan, s.samples))
+        return self.runner.execute(StepBatch(rows))
 
     def sample(self, batch: SchedulerOutput, logits: torch.Tensor) -> list[int]:
         """Next token per sampling sequence (greedy rows in one argmax, the rest one by one)."""
@@ -292,7 +289,7 @@ class LLMEngine:
     def update(self, batch: SchedulerOutput, plans: list[PrecisionPlan], tokens: list[int]) -> list[RequestOutput]:
         now = time.monotonic()
         outputs: list[RequestOutput] = []
-        per_precision: dict[str, int] = {}
+        per_plan: dict[PrecisionPlan, int] = {}
         it = iter(tokens)
         itls: list[float] = []
         for s, plan in zip(batch.scheduled, plans):
@@ -303,7 +300,7 @@ class LLMEngine:
             token = next(it)
             last = seq.last_token_time
             seq.append_token(token, now)
-            per_precision[plan.name] = per_precision.get(plan.name, 0) + 1
+            per_plan[plan] = per_plan.get(plan, 0) + 1
             if last is None:
                 self.observer.on_first_token(seq, now - seq.request.arrival_time)
             else:
@@ -314,8 +311,8 @@ class LLMEngine:
                 self.scheduler.remove(seq)
                 self.observer.on_finished(seq)
             outputs.append(seq.make_output([token], plan.name))
-        for name, count in per_precision.items():
-            self.observer.on_tokens(name, count)
+        for plan, count in per_plan.items():
+            self.observer.on_tokens(plan, count)
         if itls:
             mean = sum(itls) / len(itls)
             self._itl_ema = mean if self._itl_ema is None else 0.8 * self._itl_ema + 0.2 * mean

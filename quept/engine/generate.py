@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
-import torch
-
-from quept.errors import ContextLengthError
-from quept.model.kv_cache import SequenceBlocks
-from quept.model.model import ElasticModel, build_layout
-from quept.precision.plan import PrecisionPlan
 from quept.engine.sampler import SamplingParams, sample
+from quept.errors import ContextLengthError
+from quept.model.kv_cache import blocks_for
+from quept.model.model import ElasticModel
+from quept.model.runner import ModelRunner, SeqRows, StepBatch
+from quept.precision.plan import PrecisionPlan
 
 # A plan per step lets callers switch precision mid-sequence (step 0 is the prefill).
 PlanFn = Callable[[int], PrecisionPlan]
@@ -55,31 +54,31 @@ def generate(
     """
     check_context(model, len(prompt_ids), max_tokens)
     plan_at: PlanFn = plan if callable(plan) else (lambda step: plan)  # type: ignore[assignment,return-value]
+    total = len(prompt_ids) + max_tokens
     if kv_budget_bytes is None:
-        cache = model.new_kv_cache_for(len(prompt_ids) + max_tokens)
+        runner, (table,) = ModelRunner.scratch(model, 1, total)
     else:
         cache = model.new_kv_cache(kv_budget_bytes)
-    blocks = SequenceBlocks()
+        need = blocks_for(total, cache.block_size)
+        if need > cache.num_blocks:
+            raise ContextLengthError(f"{total} tokens need {need} KV blocks; a budget of {kv_budget_bytes} bytes "
+                                     f"holds {cache.num_blocks}")
+        runner, table = ModelRunner(model, cache), list(range(need))
     gen = params.generator()
-    tokens = torch.tensor(list(prompt_ids), dtype=torch.int64)
-    positions = torch.arange(len(prompt_ids))
+    rows = list(prompt_ids)  # the rows of the next step: the prompt, then each new token
+    cached = 0  # tokens already in the KV cache
     out: list[int] = []
     steps: list[float] = []
     t0 = time.perf_counter()
-    last_row = torch.tensor([len(prompt_ids) - 1])
     for step in range(max_tokens):
         ts = time.perf_counter()
-        p = plan_at(step)
-        bits = p.uniform_bits if p.uniform_bits is not None else p.row_vector(model.n_linears).unsqueeze(0).expand(tokens.shape[0], -1)
-        layout = build_layout(cache, [(blocks, tokens.shape[0])])
-        logits = model(tokens, positions, cache, layout, bits, logits_rows=last_row)[0]  # [V]
+        logits = runner.execute(StepBatch([SeqRows(rows, cached, table, plan_at(step))]))[0]  # [V]
         token = sample(logits, params, gen)
         out.append(token)
         steps.append(time.perf_counter() - ts)
         if token in stop_ids:
             break
-        tokens = torch.tensor([token])
-        positions = torch.tensor([blocks.num_tokens])
-        last_row = torch.tensor([0])
+        cached += len(rows)
+        rows = [token]
     prefill = steps[0] if steps else 0.0
     return GenerationResult(out, prefill, time.perf_counter() - t0 - prefill, steps)

@@ -12,7 +12,8 @@ Every step the scheduler builds one flat batch under a row budget (`max_batched_
    prompt beyond a small watermark kept for the running sequences' decode steps. A prompt longer
    than the remaining budget is prefilled in chunks across steps (chunked prefill).
 
-KV blocks are reserved by `build_layout` when the step executes; the scheduler only counts them.
+A scheduled sequence's KV blocks are reserved here, by the block manager, as its rows are scheduled:
+when the step executes, every row has its slot and the runner only reads the block tables.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from quept.model.kv_cache import PagedKVCache
+from quept.engine.block_manager import BlockManager
 from quept.engine.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,9 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting queue and the running list; only the engine thread calls it."""
 
-    def __init__(self, config: SchedulerConfig, cache: PagedKVCache) -> None:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
         self.config = config
-        self.cache = cache
+        self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order (oldest first)
         self.num_preemptions = 0
@@ -93,13 +94,9 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def max_blocks(self, num_tokens: int) -> int:
-        """Blocks a sequence of `num_tokens` tokens needs."""
-        return -(-num_tokens // self.cache.block_size)
-
     def fits_ever(self, num_tokens: int) -> bool:
         """Whether a sequence of this many tokens fits the whole cache at all."""
-        return self.max_blocks(num_tokens) <= self.cache.num_blocks
+        return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished or aborted) and free its KV blocks at once."""
@@ -107,15 +104,15 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.cache.free(seq.blocks)
+        self.blocks.free(seq.blocks)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.cache.free(seq.blocks)
+        self.blocks.free(seq.blocks)
         seq.preempt()
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         log.info("preempted %s (KV cache full: %d blocks); it will recompute %d tokens",
-                 seq.request_id, self.cache.num_blocks, len(seq.token_ids))
+                 seq.request_id, self.blocks.num_blocks, len(seq.token_ids))
 
     def _rows(self, seq: Sequence, budget: int, batch_empty: bool) -> int:
         rows = seq.num_uncomputed
@@ -127,8 +124,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        blocks = self.blocks
         budget = self.config.max_batched_tokens
-        pending_blocks = 0  # blocks the rows scheduled so far will reserve
         queue = list(self.running)
         kept: list[Sequence] = []
         while queue:
@@ -137,36 +134,34 @@ class Scheduler:
             if rows == 0:
                 kept.append(seq)
                 continue
-            need = self.cache.blocks_needed(seq.blocks, rows)
-            while need > self.cache.num_free_blocks - pending_blocks and queue:
+            while not blocks.can_allocate(seq.blocks, rows) and queue:
                 victim = queue.pop()  # the most recently admitted not yet scheduled
                 self._preempt(victim)
                 out.preempted.append(victim)
-            if need > self.cache.num_free_blocks - pending_blocks:
+            if not blocks.can_allocate(seq.blocks, rows):
                 self._preempt(seq)  # nothing left to take blocks from: this one waits
                 out.preempted.append(seq)
                 continue
-            pending_blocks += need
+            blocks.reserve(seq.blocks, rows)
             budget -= rows
             kept.append(seq)
             out.scheduled.append(ScheduledSeq(seq, rows))
         self.running = kept
         if out.preempted:
             return out  # admitting now would only preempt again
-        watermark = int(self.config.watermark * self.cache.num_blocks)
+        watermark = int(self.config.watermark * blocks.num_blocks)
         while self.waiting and len(self.running) < self.config.max_batch and budget > 0:
             seq = self.waiting[0]
             rows = self._rows(seq, budget, not out.scheduled)
             if rows == 0:
                 break
-            need = self.cache.blocks_needed(seq.blocks, rows)
-            free = self.cache.num_free_blocks - pending_blocks - (watermark if self.running else 0)
-            if need > free:
+            free = blocks.num_free_blocks - (watermark if self.running else 0)
+            if blocks.blocks_needed(seq.blocks, rows) > free:
                 break  # admission by KV blocks: wait for running sequences to finish
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            pending_blocks += need
+            blocks.reserve(seq.blocks, rows)
             budget -= rows
             out.scheduled.append(ScheduledSeq(seq, rows))
         return out

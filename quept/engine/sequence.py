@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any, Sequence as Seq
+from typing import Any
 
 import torch
 
-from quept.model.kv_cache import SequenceBlocks
-from quept.precision.spec import PrecisionSpec
-from quept.precision.plan import PrecisionPlan
+from quept.engine.block_manager import SequenceBlocks
 from quept.engine.sampler import SamplingParams
+from quept.precision.plan import PrecisionPlan
+from quept.precision.spec import PrecisionSpec
 
 
 class FinishReason(str, enum.Enum):

@@ -10,17 +10,20 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from quept.model.kv_cache import SequenceBlocks
-from quept.model.model import ElasticModel, build_layout
+from quept.model.model import ElasticModel
+from quept.model.runner import score_sequence
+from quept.precision.plan import PrecisionPlan
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class EvalRow:
@@ -44,39 +47,35 @@ def token_windows(tokenizer: Any, path: Path, windows: int, seq_len: int) -> tor
     return torch.tensor(ids[: windows * seq_len], dtype=torch.int64).view(windows, seq_len)
 
 
-def window_nll(model: ElasticModel, window: torch.Tensor, row_bits: torch.Tensor | int) -> tuple[float, int]:
+def window_nll(model: ElasticModel, window: torch.Tensor, plan: PrecisionPlan) -> tuple[float, int]:
     """Summed next-token NLL of one window [L] and the number of scored tokens."""
-    n = window.shape[0]
-    cache = model.new_kv_cache(budget_bytes=0, block_size=n)  # one block holds the whole window
-    layout = build_layout(cache, [(SequenceBlocks(), n)])
-    bits = row_bits if isinstance(row_bits, int) else row_bits.unsqueeze(0).expand(n, -1)
-    logits = model(window, torch.arange(n), cache, layout, bits)  # [L, V]
+    logits = score_sequence(model, window, plan)  # [L, V]
     nll = torch.nn.functional.cross_entropy(logits[:-1].float(), window[1:], reduction="sum")
-    return float(nll), n - 1
+    return float(nll), window.shape[0] - 1
 
 
 def perplexity(
-    model: ElasticModel, windows: torch.Tensor, row_bits: torch.Tensor | int, desc: str = "", progress: bool = True
+    model: ElasticModel, windows: torch.Tensor, plan: PrecisionPlan, desc: str = "", progress: bool = True
 ) -> tuple[float, float]:
     """(perplexity, mean NLL) over windows [W, L]."""
     total, count = 0.0, 0
     for w in tqdm(windows, desc=desc, unit="window", leave=False, disable=not progress):
-        nll, n = window_nll(model, w, row_bits)
+        nll, n = window_nll(model, w, plan)
         total, count = total + nll, count + n
     mean = total / count
     return math.exp(mean), mean
 
 
 def run_rows(
-    windows: torch.Tensor, jobs: Iterable[tuple[str, str, float, Callable[[], tuple[ElasticModel, torch.Tensor | int]]]],
+    windows: torch.Tensor, jobs: Iterable[tuple[str, str, float, Callable[[], tuple[ElasticModel, PrecisionPlan]]]],
     progress: bool = True,
 ) -> list[EvalRow]:
     """Evaluate each (name, kind, bits, make_model) job on the same windows."""
     rows = []
     for name, kind, bits, make in jobs:
         t0 = time.perf_counter()
-        model, row_bits = make()
-        ppl, nll = perplexity(model, windows, row_bits, desc=name, progress=progress)
+        model, plan = make()
+        ppl, nll = perplexity(model, windows, plan, desc=name, progress=progress)
         rows.append(EvalRow(name, kind, bits, ppl, nll, round(time.perf_counter() - t0, 1)))
         log.info("%s: ppl %.3f", name, ppl)
     return rows

@@ -1,4 +1,4 @@
-"""Build and load the native CPU kernels (kernels/csrc/) as a PyTorch C++ extension.
+"""Build and load the native CPU kernels (quept/kernels/csrc/) as a PyTorch C++ extension.
 
 The extension is compiled once on first use and cached under `$QUEPT_CACHE_DIR/native/` (default
 `~/.cache/quept/native/`); the cache key hashes the sources, the torch version and the Python
@@ -9,7 +9,7 @@ build runs on any x86-64 CPU, and on other CPUs through the plain C++ path.
 
 With `ninja` installed the build goes through `torch.utils.cpp_extension.load`; without it the
 compiler is called directly. A cached build loads without a compiler (an image can ship one built
-by `python -m kernels.native`). With neither, `load_native` raises `RuntimeError`, which
+by `python -m quept.kernels.native`). With neither, `load_native` raises `RuntimeError`, which
 `quept.backends.get_backend('auto')` turns into a logged fallback to the `torch` backend.
 
 Environment:

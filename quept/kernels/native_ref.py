@@ -32,7 +32,7 @@ see the report in benchmarks/results/cpu_decode.json). `elastic_linear_emulated`
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -18,7 +18,7 @@ Tensor roles (names used across the code base):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -8,8 +8,8 @@ fp16 matmul's bytes is the speed-up the kernel can reach. Pure Python: no torch 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 H100_HBM_BYTES_PER_S = 3.35e12  # H100 SXM, HBM3
 AFFINE_BYTES = 2 + 2  # fp16 scale + fp16 min per group per width

@@ -11,7 +11,7 @@ Importing this module imports triton (and, without CUDA, turns on its interprete
 
 import functools
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -155,7 +155,7 @@ def _lora_shrink_fake(x: torch.Tensor, lora_a: torch.Tensor, row_widx: torch.Ten
 @torch.library.custom_op("quept::elastic_linear", mutates_args=())
 def elastic_linear_op(
     x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, lora_a: torch.Tensor,
-    lora_b: torch.Tensor, bias: Optional[torch.Tensor], row_widx: torch.Tensor, wbits: torch.Tensor,
+    lora_b: torch.Tensor, bias: torch.Tensor | None, row_widx: torch.Tensor, wbits: torch.Tensor,
     wranks: torch.Tensor, group_size: int, uniform: bool,
 ) -> torch.Tensor:
     """The elastic linear over bit-planes, [M, N] in x.dtype (see `elastic_linear_planes`)."""
@@ -166,7 +166,7 @@ def elastic_linear_op(
 @elastic_linear_op.register_fake
 def _elastic_linear_fake(
     x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, lora_a: torch.Tensor,
-    lora_b: torch.Tensor, bias: Optional[torch.Tensor], row_widx: torch.Tensor, wbits: torch.Tensor,
+    lora_b: torch.Tensor, bias: torch.Tensor | None, row_widx: torch.Tensor, wbits: torch.Tensor,
     wranks: torch.Tensor, group_size: int, uniform: bool,
 ) -> torch.Tensor:
     return x.new_empty(x.shape[0], planes.shape[1])

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from quept.backends import ElasticBackend, get_backend
-from quept.model.checkpoint import ElasticCheckpoint, load_checkpoint
 from quept.errors import PrecisionError
+from quept.model.checkpoint import ElasticCheckpoint, load_checkpoint
 from quept.model.model import ElasticModel, elastic_model_from_checkpoint
-from quept.precision.spec import PrecisionSpec, parse_spec
 from quept.precision.plan import PrecisionPlan
+from quept.precision.spec import PrecisionSpec, parse_spec
 
 log = logging.getLogger(__name__)
 

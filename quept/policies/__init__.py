@@ -12,7 +12,8 @@ combined.py.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from quept.policies.base import Controller, PlanSource
 from quept.policies.combined import LoadEntropyPolicy

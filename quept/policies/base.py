@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from quept.errors import PrecisionError
-from quept.precision.spec import PrecisionSpec
 from quept.precision.plan import PrecisionPlan
+from quept.precision.spec import PrecisionSpec
 
 if TYPE_CHECKING:
     from quept.engine.sequence import Sequence

@@ -23,14 +23,14 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from quept.model.kv_cache import SequenceBlocks
-from quept.model.model import build_layout
+from quept.model.runner import ModelRunner, SeqRows, StepBatch
 from quept.policies.plans import plan_bits
-from quept.precision.plan import PrecisionPlan, rows_bits
+from quept.precision.plan import PrecisionPlan
 
 log = logging.getLogger(__name__)
 
@@ -51,30 +51,24 @@ def _interp(points: Sequence[tuple[float, float]], x: float, extrapolate: bool =
 class CostModel:
     """Profiled step seconds per (plan, batch), corrected by live measurements. Thread-safe."""
 
-    def __init__(self, table: Mapping[str, Mapping[int, float]], bits: Mapping[str, float], *,
-                 quantile: float = 0.95, window: int = 128, min_samples: int = 8, source: str = "profile",
-                 profile_seconds: float = 0.0) -> None:
+    def __init__(self, table: Mapping[PrecisionPlan, Mapping[int, float]], *, quantile: float = 0.95,
+                 window: int = 128, min_samples: int = 8, source: str = "profile", profile_seconds: float = 0.0) -> None:
         if not table:
             raise ValueError("a cost model needs at least one plan")
-        self.table = {name: dict(sorted((int(b), float(s)) for b, s in row.items())) for name, row in table.items()}
-        self.bits = {name: float(bits[name]) for name in self.table}
+        self.table = {plan: dict(sorted((int(b), float(s)) for b, s in row.items())) for plan, row in table.items()}
         self.quantile = quantile
         self.min_samples = min_samples
         self.source = source
         self.profile_seconds = profile_seconds
         self._ratios: deque[float] = deque(maxlen=window)
-        self._live: dict[tuple[str, int], list[float]] = {}  # (plan, batch) -> [steps, last seconds]
+        self._live: dict[tuple[PrecisionPlan, int], list[float]] = {}  # (plan, batch) -> [steps, last seconds]
         self._lock = threading.Lock()
         self.live_steps = 0
 
     @classmethod
-    def from_table(cls, table: Mapping[str, Mapping[int, float]], **kw: Any) -> "CostModel":
-        """A cost model from known seconds per `wB`/`mixed:X` plan name and batch (tests, replays)."""
-        bits = {}
-        for name in table:
-            kind, _, value = name.partition(":")
-            bits[name] = float(value) if kind == "mixed" else float(name.lstrip("w"))
-        return cls(table, bits, source=kw.pop("source", "table"), **kw)
+    def from_table(cls, table: Mapping[PrecisionPlan, Mapping[int, float]], **kw: Any) -> "CostModel":
+        """A cost model from known seconds per plan and batch (tests, replays)."""
+        return cls(table, source=kw.pop("source", "table"), **kw)
 
     @classmethod
     def profile(cls, model: Any, plans: Sequence[PrecisionPlan], batches: Sequence[int], context: int = 64,
@@ -84,20 +78,19 @@ class CostModel:
         table = profile_step_times(model, plans, batches, context, reps)
         seconds = time.perf_counter() - t0
         log.info("cost model: profiled %d plans x %d batch sizes in %.1f s", len(plans), len(batches), seconds)
-        return cls(table, {p.name: plan_bits(p) for p in plans}, source="profile", profile_seconds=seconds, **kw)
+        return cls(table, source="profile", profile_seconds=seconds, **kw)
 
     # ------------------------------------------------------------------ predictions
 
-    def base(self, plan: PrecisionPlan | str, batch: int) -> float:
-        """Profiled seconds of one decode step of `batch` sequences at `plan` (interpolated)."""
+    def base(self, plan: PrecisionPlan, batch: int) -> float:
+        """Profiled seconds of one decode step of `batch` sequences at `plan` (interpolated: a plan not
+        in the table by its real bits per weight between the two nearest)."""
         batch = max(1, int(batch))
-        name = plan if isinstance(plan, str) else plan.name
-        row = self.table.get(name)
+        row = self.table.get(plan)
         if row is not None:
             return _interp(list(row.items()), batch)
-        bits = plan_bits(plan) if isinstance(plan, PrecisionPlan) else float(name.lstrip("w").split(":")[-1])
-        per_plan = sorted((self.bits[n], _interp(list(r.items()), batch)) for n, r in self.table.items())
-        return _interp(per_plan, bits, extrapolate=False)
+        per_plan = sorted((plan_bits(p), _interp(list(r.items()), batch)) for p, r in self.table.items())
+        return _interp(per_plan, plan_bits(plan), extrapolate=False)
 
     def correction(self) -> float:
         """The live measured/profiled ratio at `quantile` (1 until `min_samples` steps were seen)."""
@@ -108,7 +101,7 @@ class CostModel:
         k = min(len(ratios) - 1, max(0, int(round(self.quantile * (len(ratios) - 1)))))
         return ratios[k]
 
-    def predict(self, plan: PrecisionPlan | str, batch: int) -> float:
+    def predict(self, plan: PrecisionPlan, batch: int) -> float:
         """Predicted step seconds (the inter-token latency of every sequence in that step)."""
         return self.base(plan, batch) * self.correction()
 
@@ -125,7 +118,7 @@ class CostModel:
             self._ratios.append(ratio)
             self.live_steps += 1
             if len(segments) == 1:
-                cell = self._live.setdefault((segments[0][0].name, num_seqs), [0, 0.0])
+                cell = self._live.setdefault((segments[0][0], num_seqs), [0, 0.0])
                 cell[0] += 1
                 cell[1] = seconds
 
@@ -134,17 +127,18 @@ class CostModel:
     def report(self, batches: Sequence[int] | None = None) -> dict[str, Any]:
         """What GET /v1/precisions shows: profiled and predicted ms per plan and batch, the live correction."""
         corr = self.correction()
-        names = sorted(self.table, key=lambda n: -self.bits[n])
+        plans = sorted(self.table, key=lambda p: -plan_bits(p))
         grid = sorted(set(batches or ()) | {b for row in self.table.values() for b in row})
         with self._lock:
-            live = {f"{n}@{b}": {"steps": int(c[0]), "last_ms": round(c[1] * 1e3, 3)} for (n, b), c in self._live.items()}
+            live = {f"{p.name}@{b}": {"steps": int(c[0]), "last_ms": round(c[1] * 1e3, 3)}
+                    for (p, b), c in self._live.items()}
             n_ratios = len(self._ratios)
         return {
             "source": self.source,
             "profile_seconds": round(self.profile_seconds, 2),
             "batches": grid,
-            "profiled_ms": {n: {str(b): round(s * 1e3, 3) for b, s in self.table[n].items()} for n in names},
-            "predicted_ms": {n: {str(b): round(self.base(n, b) * corr * 1e3, 3) for b in grid} for n in names},
+            "profiled_ms": {p.name: {str(b): round(s * 1e3, 3) for b, s in self.table[p].items()} for p in plans},
+            "predicted_ms": {p.name: {str(b): round(self.base(p, b) * corr * 1e3, 3) for b in grid} for p in plans},
             "correction": round(corr, 4),
             "correction_quantile": self.quantile,
             "correction_samples": n_ratios,
@@ -154,37 +148,31 @@ class CostModel:
 
 
 def profile_step_times(model: Any, plans: Sequence[PrecisionPlan], batches: Sequence[int], context: int,
-                       reps: int) -> dict[str, dict[int, float]]:
-    """Fastest of `reps` decode steps per plan name and batch size (plans interleaved per repetition)."""
-    n_lin = model.n_linears
+                       reps: int) -> dict[PrecisionPlan, dict[int, float]]:
+    """Fastest of `reps` decode steps per plan and batch size (plans interleaved per repetition)."""
     a = model.args
     gen = torch.Generator().manual_seed(0)
-    out: dict[str, dict[int, float]] = {p.name: {} for p in plans}
+    out: dict[PrecisionPlan, dict[int, float]] = {p: {} for p in plans}
     steps = len(plans) * (reps + 1) + 2
     for batch in batches:
-        cache = model.new_kv_cache_for(batch * (context + steps + 32), block_size=16)
-        seqs = [SequenceBlocks() for _ in range(batch)]
-        tokens = torch.randint(0, a.vocab_size, (batch * context,), generator=gen)  # [B * ctx]
-        positions = torch.arange(context).repeat(batch)  # [B * ctx]
-        last = torch.arange(1, batch + 1) * context - 1  # [B] last row of each prompt
-        model(tokens, positions, cache, build_layout(cache, [(s, context) for s in seqs]),
-              rows_bits([(plans[0], batch * context)], n_lin), last)
-        samples: dict[str, list[float]] = {p.name: [] for p in plans}
-        rows = torch.arange(batch)  # [B] every row samples
+        runner, tables = ModelRunner.scratch(model, batch, context + steps + 32)
+        prompts = torch.randint(0, a.vocab_size, (batch, context), generator=gen).tolist()  # [B][ctx]
+        runner.execute(StepBatch([SeqRows(ids, 0, table, plans[0]) for ids, table in zip(prompts, tables)]))
+        cached = context
+        samples: dict[PrecisionPlan, list[float]] = {p: [] for p in plans}
         for rep in range(reps + 1):  # repetition 0 warms up (dense weights of a width, caches)
             for plan in plans:
-                step_tokens = torch.randint(0, a.vocab_size, (batch,), generator=gen)  # [B]
-                step_pos = torch.tensor([s.num_tokens for s in seqs])  # [B]
-                bits = rows_bits([(plan, batch)], n_lin)
+                step_tokens = torch.randint(0, a.vocab_size, (batch,), generator=gen).tolist()  # [B]
                 t0 = time.perf_counter()
-                layout = build_layout(cache, [(s, 1) for s in seqs])
-                logits = model(step_tokens, step_pos, cache, layout, bits, rows)  # [B, V]
+                logits = runner.execute(StepBatch([SeqRows([tok], cached, table, plan)
+                                                   for tok, table in zip(step_tokens, tables)]))  # [B, V]
                 logits.argmax(-1)
                 dt = time.perf_counter() - t0
+                cached += 1
                 if rep > 0:
-                    samples[plan.name].append(dt)
-        for name, ts in samples.items():
-            out[name][batch] = min(ts)  # the uncontended time; contention is the live correction's job
+                    samples[plan].append(dt)
+        for plan, ts in samples.items():
+            out[plan][batch] = min(ts)  # the uncontended time; contention is the live correction's job
     for row in out.values():  # a larger batch never runs faster (a noisy sample must not bend the curve)
         prev = 0.0
         for b in sorted(row):

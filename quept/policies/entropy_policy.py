@@ -31,8 +31,8 @@ import torch
 from quept.policies.base import Controller, PlanDecision, StepContext
 from quept.policies.config import PolicyConfig
 from quept.policies.plans import clamp, is_managed, plan_bits
-from quept.precision.spec import PrecisionSpec
 from quept.precision.plan import PrecisionPlan
+from quept.precision.spec import PrecisionSpec
 
 if TYPE_CHECKING:
     from quept.engine.sequence import Sequence as Seq
@@ -159,19 +159,9 @@ def resolve_threshold(model: Any, cfg: PolicyConfig, high: PrecisionPlan) -> tup
 
 def window_entropies(lm: Any, windows: torch.Tensor, plan: PrecisionPlan) -> torch.Tensor:
     """Teacher-forced next-token entropies of every position of windows [W, L] at `plan` -> [W * L]."""
-    from quept.model.kv_cache import SequenceBlocks
-    from quept.model.model import build_layout
+    from quept.model.runner import score_sequence
 
-    model = lm.model
-    out = []
-    for w in windows:
-        n = w.shape[0]
-        cache = model.new_kv_cache(budget_bytes=0, block_size=n)
-        bits: torch.Tensor | int = plan.uniform_bits if plan.uniform_bits is not None else \
-            plan.row_vector(model.n_linears).unsqueeze(0).expand(n, -1)
-        logits = model(w, torch.arange(n), cache, build_layout(cache, [(SequenceBlocks(), n)]), bits)  # [L, V]
-        out.append(row_entropy(logits))
-    return torch.cat(out)
+    return torch.cat([row_entropy(score_sequence(lm.model, w, plan)) for w in windows])  # [W * L]
 
 
 def calibrate_threshold(lm: Any, path: Path, percentile: float, plan: PrecisionPlan, windows: int = 4,
@@ -207,13 +197,11 @@ def simulate_window(lm: Any, window: torch.Tensor, low: PrecisionPlan, high: Pre
     gate chose from the entropy of the previous position's logits, with the KV cache of earlier
     positions as they ran, exactly as the engine decodes.
     """
-    from quept.model.kv_cache import SequenceBlocks
-    from quept.model.model import build_layout
+    from quept.model.runner import ModelRunner, SeqRows, StepBatch
 
-    model = lm.model
     n = window.shape[0]
-    cache = model.new_kv_cache(budget_bytes=0, block_size=n)
-    blocks = SequenceBlocks()
+    runner, (table,) = ModelRunner.scratch(lm.model, 1, n, block_size=n)
+    ids = window.tolist()
     gate = EntropyGate(threshold, window_quiet)
     probe = SimpleNamespace(request_id="simulated", is_finished=False)  # what the gate keys its state by
     n_high, nll, seconds = 0, 0.0, 0.0
@@ -221,9 +209,8 @@ def simulate_window(lm: Any, window: torch.Tensor, low: PrecisionPlan, high: Pre
         high_on = gate.is_high(probe)  # type: ignore[arg-type]
         plan = high if high_on else low
         n_high += int(high_on)
-        bits = plan.uniform_bits if plan.uniform_bits is not None else plan.row_vector(model.n_linears).unsqueeze(0)
         t0 = time.perf_counter()
-        logits = model(window[pos : pos + 1], torch.tensor([pos]), cache, build_layout(cache, [(blocks, 1)]), bits)[0]
+        logits = runner.execute(StepBatch([SeqRows(ids[pos : pos + 1], pos, table, plan)]))[0]  # [V]
         logp = torch.log_softmax(logits.float(), -1)  # [V]
         gate.update(probe, float(-(logp.exp() * logp).sum()))  # type: ignore[arg-type]
         seconds += time.perf_counter() - t0  # the step and the policy's entropy, as the engine pays them

@@ -7,8 +7,8 @@ default precision, clamped into the request's `min`/`max` bounds; the plan never
 from __future__ import annotations
 
 from quept.policies.base import Controller
-from quept.precision.spec import PrecisionSpec
 from quept.precision.plan import PrecisionPlan
+from quept.precision.spec import PrecisionSpec
 
 
 class FixedPolicy(Controller):

@@ -27,14 +27,15 @@ import logging
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from quept.policies.base import Controller, PlanDecision, StepContext
 from quept.policies.config import PolicyConfig
 from quept.policies.cost_model import CostModel
 from quept.policies.plans import build_ladder, clamp, is_managed, plan_bits
-from quept.precision.spec import PrecisionSpec
 from quept.precision.plan import PrecisionPlan
+from quept.precision.spec import PrecisionSpec
 
 if TYPE_CHECKING:
     from quept.engine.sequence import Sequence as Seq

@@ -9,11 +9,12 @@ below the floor is outside even when its average is not.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from quept.errors import PrecisionError
-from quept.precision.spec import PrecisionSpec
 from quept.precision.plan import PrecisionPlan
+from quept.precision.spec import PrecisionSpec
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +119,12 @@ def build_ladder(model: Any, plans_text: str, floor_text: str, ceiling: Precisio
     return out
 
 
-def width_shares(model: Any, plan_name: str) -> dict[int, float]:
-    """Share of the elastic weights each width reads under `plan_name` (sums to 1).
+def width_shares(model: Any, plan: PrecisionPlan) -> dict[int, float]:
+    """Share of the elastic weights each width reads under `plan` (sums to 1).
 
     Uniform `wB` is {B: 1}; a mixed plan splits by parameter count per linear, so a token at
     `mixed:X` counts fractionally towards each width (metrics: tokens generated per width).
     """
-    spec = model.parse(plan_name)
-    if spec.kind == "uniform":
-        return {int(spec.bits): 1.0}  # type: ignore[arg-type]
-    plan = model.plan_for(spec)
     if plan.per_linear is None:
         return {int(plan.uniform_bits or 8): 1.0}
     try:

@@ -10,8 +10,8 @@ Grammar:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from quept.errors import PrecisionError
 

@@ -18,8 +18,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,10 +28,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quept.engine.async_engine import EngineFailedError, EngineStoppedError, QueueFullError, RequestStream
-from quept.errors import ContextLengthError, PrecisionError
-from quept.precision.spec import PrecisionSpec
 from quept.engine.sampler import SamplingParams
 from quept.engine.sequence import GenerationRequest, RequestOutput
+from quept.errors import ContextLengthError, PrecisionError
+from quept.precision.spec import PrecisionSpec
 from quept.server import protocol as P
 from quept.server.settings import Settings
 from quept.server.state import ServerState, Status

@@ -24,14 +24,14 @@ Deployment (dashboards, autoscaling) depends on these exact names:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from quept.engine.engine import EngineObserver, EngineStats
-from quept.precision.plan import PrecisionPlan
 from quept.engine.sequence import FinishReason, Sequence
+from quept.precision.plan import PrecisionPlan
 
 PREFIX = "quept:"
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -78,7 +78,7 @@ class ServerMetrics(EngineObserver):
         self.width_tokens = Counter(f"{p}generation_tokens_by_width", "Generated tokens by stored width "
                                     "(a mixed-plan token counts by each width's share of the weights).", ["width"],
                                     registry=r)
-        self._width_shares: Callable[[str], dict[int, float]] | None = None
+        self._width_shares: Callable[[PrecisionPlan], dict[int, float]] | None = None
 
     def bind(self, running: Callable[[], float], waiting: Callable[[], float], kv_usage: Callable[[], float]) -> None:
         """Read the gauges live from the engine at scrape time (always current, also when idle)."""
@@ -88,20 +88,16 @@ class ServerMetrics(EngineObserver):
 
     def bind_controller(self, controller: Any) -> None:
         """The precision policy's view: default plan gauge, predicted ITL (load policy), tokens per width."""
-        from quept.errors import PrecisionError
         from quept.policies.plans import plan_bits, width_shares
 
         self.default_bits.set_function(lambda: plan_bits(controller.default_plan))
         self.predicted_itl.set_function(lambda: float(getattr(controller, "predicted_itl_s", float("nan"))))
-        shares: dict[str, dict[int, float]] = {}
+        shares: dict[PrecisionPlan, dict[int, float]] = {}
 
-        def lookup(name: str) -> dict[int, float]:
-            if name not in shares:
-                try:
-                    shares[name] = width_shares(controller.model, name)
-                except (PrecisionError, ValueError, ImportError):
-                    shares[name] = {}
-            return shares[name]
+        def lookup(plan: PrecisionPlan) -> dict[int, float]:
+            if plan not in shares:
+                shares[plan] = width_shares(controller.model, plan)
+            return shares[plan]
 
         self._width_shares = lookup
         for bits in controller.model.widths:
@@ -117,10 +113,10 @@ class ServerMetrics(EngineObserver):
         self.by_precision.labels(precision=seq.plan.name).inc()
         self.queue_time.observe(max(0.0, now - seq.request.arrival_time))
 
-    def on_tokens(self, precision: str, count: int) -> None:
-        self.generation_tokens.labels(precision=precision).inc(count)
+    def on_tokens(self, plan: PrecisionPlan, count: int) -> None:
+        self.generation_tokens.labels(precision=plan.name).inc(count)
         if self._width_shares is not None:
-            for bits, share in self._width_shares(precision).items():
+            for bits, share in self._width_shares(plan).items():
                 self.width_tokens.labels(width=str(bits)).inc(count * share)
 
     def on_first_token(self, seq: Sequence, ttft_s: float) -> None:

@@ -12,16 +12,17 @@ import enum
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from quept.engine.async_engine import AsyncEngine
-from quept.policies import make_controller
 from quept.engine.engine import EngineConfig, LLMEngine
 from quept.engine.sequence import GenerationRequest
+from quept.policies import make_controller
 from quept.server.metrics import ServerMetrics
 from quept.server.settings import Settings
 
@@ -124,7 +125,7 @@ class ServerState:
             self.engine = AsyncEngine(engine, s.max_queue)
             self.engine.start(asyncio.get_running_loop())
             self.metrics.bind(lambda: engine.scheduler.num_running, lambda: self.engine.num_waiting if self.engine else 0,
-                              lambda: engine.cache.usage)
+                              lambda: engine.blocks.usage)
             self.metrics.bind_controller(controller)
             if self.status is Status.LOADING:
                 self.status = Status.READY

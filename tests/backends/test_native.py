@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import quept.kernels.native as native_mod
+from quept.backends import get_backend
+from quept.backends.base import ElasticWeights
 from quept.kernels.native import find_compiler
 from quept.kernels.native_ref import elastic_linear_emulated, magnitude
 from quept.kernels.reference import elastic_linear_ref
-from quept.backends import get_backend
-from quept.backends.base import ElasticWeights
+from quept.precision.segments import segments_of
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler: the native kernels cannot be built")
 
@@ -47,17 +48,15 @@ def test_get_backend_picks_native_on_cpu() -> None:
     assert get_backend("auto", "cpu").name == "native"
 
 
-@pytest.mark.parametrize("row_bits", [4, "tensor0d", "mixed"])
+@pytest.mark.parametrize("row_bits", [4, "mixed"])
 def test_forward_matches_emulation_and_reference(gen, row_bits) -> None:
     be = get_backend("native")
     w = weights(gen, n=67, k=256, group_size=64)
     x = torch.randn(9, 256, generator=gen)
-    if row_bits == "tensor0d":
-        row_bits = torch.tensor(3)
-    elif row_bits == "mixed":
+    if row_bits == "mixed":
         row_bits = torch.tensor(WIDTHS, dtype=torch.int16)[torch.randint(0, 6, (9,), generator=gen)]
-    got = be.forward(be.prepare(w), x, row_bits)
-    rb = int(row_bits) if isinstance(row_bits, torch.Tensor) and row_bits.dim() == 0 else row_bits
+    got = be.forward(be.prepare(w), x, row_bits if isinstance(row_bits, int) else segments_of(row_bits.tolist()))
+    rb = row_bits
     emu = elastic_linear_emulated(x, *args(w), rb, w.widths, w.ranks, w.group_size, w.bias)
     mag = magnitude(x, *args(w), rb, w.widths, w.ranks, w.group_size, w.bias)
     assert ((got.double() - emu.double()).abs() <= 1e-5 * mag + 1e-6).all()
@@ -135,27 +134,25 @@ def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog) -> None:
 
 def test_tiny_model_matches_torch_backend(tiny_ckpt) -> None:
     """Greedy decode on the tiny random model: logits within the int8-activation tolerance of the torch backend."""
-    from quept.model.kv_cache import SequenceBlocks
     from quept.model.loader import load_model
-    from quept.model.model import build_layout
+    from quept.model.runner import ModelRunner, SeqRows, StepBatch
+    from quept.precision.plan import PrecisionPlan
 
     lms = [load_model(tiny_ckpt, backend=name) for name in ("torch-fp32", "native")]
     assert lms[1].backend.name == "native"
     gen = torch.Generator().manual_seed(11)
     n = lms[0].model.n_linears
-    widths = torch.tensor(WIDTHS)
-    tokens = torch.randint(0, lms[0].model.args.vocab_size, (10,), generator=gen)
-    row_bits = widths[torch.randint(0, 6, (10, n), generator=gen)]  # [T, n_linears]: every row, every linear
+    tokens = torch.randint(0, lms[0].model.args.vocab_size, (10,), generator=gen).tolist()
+    plans = [PrecisionPlan(f"p{i}", per_linear=tuple(WIDTHS[j] for j in torch.randint(0, 6, (n,), generator=gen).tolist()))
+             for i in range(2)]  # each sequence its own width per linear
     logits = []
     for lm in lms:
-        model = lm.model
-        cache = model.new_kv_cache(1 << 20, block_size=4)
-        seqs = [SequenceBlocks(), SequenceBlocks()]
-        out = [model(tokens[:7], torch.cat([torch.arange(4), torch.arange(3)]), cache,
-                     build_layout(cache, [(seqs[0], 4), (seqs[1], 3)]), row_bits[:7])]
+        runner, tables = ModelRunner.scratch(lm.model, 2, 8, block_size=4)
+        out = [runner.execute(StepBatch([SeqRows(tokens[:4], 0, tables[0], plans[0]),
+                                         SeqRows(tokens[4:7], 0, tables[1], plans[1])], all_logits=True))]
         for step in range(3):  # decode both sequences, one row each
-            out.append(model(tokens[7:9], torch.tensor([4 + step, 3 + step]), cache,
-                             build_layout(cache, [(s, 1) for s in seqs]), row_bits[7:9]))
+            out.append(runner.execute(StepBatch([SeqRows(tokens[7:8], 4 + step, tables[0], plans[0]),
+                                                 SeqRows(tokens[8:9], 3 + step, tables[1], plans[1])])))
         logits.append(torch.cat(out))
     want, got = logits
     assert float((got - want).norm() / want.norm()) < 5e-2  # int8 activations: ~0.6% per linear, 15 linears deep

@@ -7,10 +7,11 @@ import random
 import pytest
 import torch
 
-from quept.kernels.reference import elastic_linear_ref
 from quept.backends.base import ElasticWeights
 from quept.backends.torch_dense import HALF_ROWS_MAX, TorchBackend
 from quept.build.builder import quantize_linear
+from quept.kernels.reference import elastic_linear_ref
+from quept.precision.segments import segments_of
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 
@@ -42,7 +43,8 @@ def test_matches_reference_every_width_and_mixed_rows(seed, n, k, group, m, rank
     row_bits = torch.tensor([WIDTHS[i % 6] for i in range(m)])
     ref = elastic_linear_ref(x, layer.codes, layer.scales, layer.mins, layer.lora_a, layer.lora_b, row_bits,
                              layer.widths, layer.ranks, group, layer.bias)
-    torch.testing.assert_close(backend.forward(prepared, x, row_bits), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(backend.forward(prepared, x, segments_of(row_bits.tolist())), ref,
+                               rtol=1e-4, atol=1e-4)
     assert len(prepared.dense) <= 2  # the LRU bound holds
 
 
@@ -59,7 +61,7 @@ def test_half_compute_is_close_to_reference_every_width_and_mixed_rows(dtype, na
         for bits in (*WIDTHS, row_bits):
             ref = elastic_linear_ref(x, layer.codes, layer.scales, layer.mins, layer.lora_a, layer.lora_b, bits,
                                      layer.widths, layer.ranks, 64, layer.bias)
-            out = backend.forward(prepared, x, bits)
+            out = backend.forward(prepared, x, bits if isinstance(bits, int) else segments_of(bits.tolist()))
             assert out.dtype == torch.float32 and all(d.dtype == dtype for d in prepared.dense.values())
             err = ((out - ref).abs().max() / ref.abs().max()).item()
             assert err < tol, (m, bits, err)

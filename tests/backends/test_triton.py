@@ -9,9 +9,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from quept.kernels.reference import elastic_linear_ref  # noqa: E402
 from quept.backends import get_backend  # noqa: E402
 from quept.backends.base import ElasticWeights  # noqa: E402
+from quept.kernels.reference import elastic_linear_ref  # noqa: E402
+from quept.precision.segments import segments_of  # noqa: E402
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 RANKS = (0, 8, 8, 16, 24, 32)
@@ -56,14 +57,15 @@ def test_forward_matches_reference_and_torch_backend(backend, m: int, dtype: tor
     torch_be = get_backend("torch-fp32")
     torch_prepared = torch_be.prepare(w)
     x = torch.randn(m, 128).to(dtype)
-    mixed = torch.tensor([WIDTHS[(i * 5) % 6] for i in range(m)], dtype=torch.int16)  # model passes int16 columns
+    mixed = torch.tensor([WIDTHS[(i * 5) % 6] for i in range(m)], dtype=torch.int16)
     for bits in (4, mixed):
-        y = backend.forward(prepared, x, bits)
+        widths = bits if isinstance(bits, int) else segments_of(bits.tolist())
+        y = backend.forward(prepared, x, widths)
         assert y.dtype == dtype and y.shape == (m, 40)
         tol = 1e-3 if dtype == torch.float32 else 1e-2
         assert rel_err(y, ref(w, x, bits)) < tol
         if dtype == torch.float32:
-            assert rel_err(y, torch_be.forward(torch_prepared, x, bits)) < tol
+            assert rel_err(y, torch_be.forward(torch_prepared, x, widths)) < tol
 
 
 def test_no_bias_zero_ranks_and_resident_bytes(backend) -> None:

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from quept.build import source as source_mod
-from quept.build.builder import (build_checkpoint, default_checkpoint_dir,
-                                   default_checkpoint_name, default_group_size, resolve_group_size)
+from quept.build.builder import build_checkpoint, default_checkpoint_dir, default_checkpoint_name, default_group_size, resolve_group_size
 from tests.build.test_source import model_tensors
 from tests.tiny import tiny_gguf, tiny_source
 
@@ -80,9 +79,9 @@ def test_default_model_cache_is_g32(tmp_path: Path) -> None:
 def test_build_anchors_every_linear_at_4_bits_by_default(tmp_path: Path) -> None:
     """The default build's codes carry each group's own 4-bit RTN codes in their top bits, so its w4 is
     independent round-to-nearest at w4, and the recipe is recorded; centre affines refuse anchored codes."""
+    from quept.build.quantizer import anchored_nested_codes, quantize_independent
     from quept.kernels.reference import dequantize
     from quept.model.checkpoint import load_checkpoint
-    from quept.build.quantizer import anchored_nested_codes, quantize_independent
 
     src = tiny_source()
     ck = load_checkpoint(build_checkpoint(src, tmp_path / "a", group_size=32, progress=False))

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from quept.kernels.reference import elastic_linear_ref
 from quept.build.calibration import CalibConfig
 from quept.build.calibration.driver import calibrate_checkpoint, calibrate_layers
 from quept.build.calibration.master_codes import master_code_search, reconstruction_mse
 from quept.build.calibration.sensitivity import effective_weight
 from quept.build.calibration.tome import mb_tome
-from quept.model.model import linear_names
 from quept.build.quantizer import quantize_nested
+from quept.kernels.reference import elastic_linear_ref
+from quept.model.args import linear_names
+from quept.precision.plan import PrecisionPlan
 from tests.tiny import tiny_source
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
@@ -90,7 +91,8 @@ def test_checkpoint_reloads_bit_identical(calibrated: Path):
     torch.set_grad_enabled(True)
     tokens = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(1))
     for bits in WIDTHS:
-        assert window_nll(a.model, tokens, bits) == window_nll(b.model, tokens, bits)
+        plan = PrecisionPlan.uniform(bits)
+        assert window_nll(a.model, tokens, plan) == window_nll(b.model, tokens, plan)
     w = a.ckpt.elastic["model.layers.0.mlp.up_proj"]
     x = torch.randn(3, w.in_features)
     for bits in WIDTHS:  # the stored tensors give the reference contract exactly
@@ -108,7 +110,7 @@ def test_calibration_record_and_profiles(calibrated: Path):
     assert set(rec["perplexity"]) >= {f"w{b}" for b in WIDTHS}
     assert rec["memory"]["codes_bytes"] > 0 and rec["memory"]["adapter_bytes"] > 0
     assert len(meta["profiles"]) == 7
-    for name, prof in meta["profiles"].items():
+    for prof in meta["profiles"].values():
         assert prof["avg_bits"] <= prof["target"] + 1e-9 and prof["ppl"] > 0
         assert len(prof["per_linear"]) == len(meta["sensitivity"]["linears"])
     assert not list(calibrated.parent.glob(".ck.calib-*"))  # no staging directory left
@@ -169,9 +171,8 @@ def test_forward_widths_matches_forward_and_its_gradients():
 
 
 def test_multi_width_mse_matches_one_forward_per_width():
-    from quept.build.calibration.blockwise import (block_forward, make_fake_quant, multi_width_mse, quant_lin,
-                                                     rope_tables)
-    from quept.model.model import LINEAR_NAMES
+    from quept.build.calibration.blockwise import block_forward, make_fake_quant, multi_width_mse, quant_lin, rope_tables
+    from quept.model.args import LINEAR_NAMES
 
     src = tiny_source("qwen2")  # biases on q/k/v
     args, st = src.args, src.state
@@ -204,9 +205,8 @@ def test_unadapted_width_keeps_the_better_of_trained_and_least_squares_affines()
     """A width without adapters (w8) whose trained affines make the block worse returns to its
     least-squares fit (ds = dm = 0); one that training improved keeps its trained affines; widths
     with adapters are left alone."""
-    from quept.build.calibration.blockwise import (block_forward, keep_better_unadapted_affines, make_fake_quant,
-                                                     quant_lin, rope_tables)
-    from quept.model.model import LINEAR_NAMES
+    from quept.build.calibration.blockwise import block_forward, keep_better_unadapted_affines, make_fake_quant, quant_lin, rope_tables
+    from quept.model.args import LINEAR_NAMES
 
     src = tiny_source("llama")
     args, st = src.args, src.state
@@ -379,7 +379,7 @@ def test_unadapted_widths_are_judged_on_the_full_precision_stream(monkeypatch, t
     """calibrate_layers hands train_block the block's full-precision inputs, and the trained-vs-LS choice of a
     width without adapters is made on them (what a w8 model's block sees), not on the MB-ToMe stream."""
     import quept.build.calibration.blockwise as bw
-    from quept.model.model import LINEAR_NAMES
+    from quept.model.args import LINEAR_NAMES
 
     seen: list[torch.Tensor] = []
     real = bw.keep_better_unadapted_affines

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from quept.build.builder import build_checkpoint
-from quept.model.kv_cache import SequenceBlocks
-from quept.model.loader import load_model
-from quept.model.model import build_layout, linear_names
 from quept.build.source import load_source
+from quept.model.args import linear_names
+from quept.model.loader import load_model
 from tests.model.test_model import effective_weight, rel_err
+from tests.tiny import prefill_then_decode
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,14 +43,8 @@ def test_default_model_matches_transformers(default, bits: int) -> None:
     ids = torch.tensor(lm.encode_chat("What is the capital of France?"))
     with torch.no_grad():
         ref = hf(ids.unsqueeze(0)).logits[0]
-    model = lm.model
-    cache = model.new_kv_cache(16 << 20)
-    seq = SequenceBlocks()
-    n = len(ids) - 3
-    ours = [model(ids[:n], torch.arange(n), cache, build_layout(cache, [(seq, n)]), bits)]
-    for t in range(n, len(ids)):
-        ours.append(model(ids[t : t + 1], torch.tensor([t]), cache, build_layout(cache, [(seq, 1)]), bits))
-    assert rel_err(torch.cat(ours), ref) < 1e-4
+    ours = prefill_then_decode(lm.model, ids, bits, n_prefill=len(ids) - 3, block_size=16)
+    assert rel_err(ours, ref) < 1e-4
 
 
 def test_default_model_groups_follow_the_q4_1_blocks(default) -> None:

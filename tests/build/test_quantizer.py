@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from quept.kernels.reference import dequantize
 from quept.build.quantizer import anchored_nested_codes, check_widths, quantize_independent, quantize_nested
+from quept.kernels.reference import dequantize
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 SEED_LSQ = random.randrange(1 << 30)  # fresh weights every run

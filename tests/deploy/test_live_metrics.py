@@ -14,12 +14,12 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from tests.deploy.conftest import DESIGN_METRICS, REPO, SERVER_EXTRA_METRICS
 from tests.deploy.test_grafana import METRIC_RE, dashboard, queries

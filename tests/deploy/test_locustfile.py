@@ -4,14 +4,13 @@ the interpreter with gevent)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import importlib.util
 
 import pytest
 

@@ -10,8 +10,8 @@ import torch
 
 from quept.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
 from quept.engine.engine import EngineConfig, LLMEngine
-from quept.model.loader import load_model
 from quept.engine.sequence import FinishReason, GenerationRequest
+from quept.model.loader import load_model
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +42,10 @@ def test_streams_tokens_and_aborts_on_early_close(lm):
         await asyncio.sleep(0)  # the async generator's finally runs on close
         long.abort()
         for _ in range(200):
-            if engine.cache.usage == 0.0 and front.num_unfinished == 0:
+            if engine.blocks.usage == 0.0 and front.num_unfinished == 0:
                 break
             await asyncio.sleep(0.01)
-        assert engine.cache.usage == 0.0 and front.num_unfinished == 0
+        assert engine.blocks.usage == 0.0 and front.num_unfinished == 0
 
         streams = [front.submit(req(lm, f"q{i}", 50)) for i in range(3)]  # max_batch 2 + max_queue 1
         with pytest.raises(QueueFullError) as err:

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from quept.policies.base import PlanDecision
-from quept.policies.fixed import FixedPolicy
 from quept.engine.engine import EngineConfig, EngineObserver, LLMEngine
-from quept.errors import ContextLengthError
 from quept.engine.generate import generate
-from quept.model.loader import load_model
-from quept.precision.plan import PrecisionPlan
 from quept.engine.sampler import SamplingParams
 from quept.engine.sequence import FinishReason, GenerationRequest
+from quept.errors import ContextLengthError
+from quept.model.loader import load_model
+from quept.policies.base import PlanDecision
+from quept.policies.fixed import FixedPolicy
+from quept.precision.plan import PrecisionPlan
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +70,7 @@ def test_mixed_widths_in_one_batch_match_alone(lm):
         assert tokens(outs[f"r{i}"]) == refs[i]
         assert outs[f"r{i}"][-1].finish_reason is FinishReason.LENGTH
         assert outs[f"r{i}"][-1].precision == f"w{widths[i]}"
-    assert eng.cache.usage == 0.0
+    assert eng.blocks.usage == 0.0
 
 
 def test_requests_join_running_batch_and_chunked_prefill(lm):
@@ -103,7 +103,7 @@ def test_preemption_when_out_of_blocks_keeps_results(lm):
     assert eng.scheduler.num_preemptions > 0
     for i in range(3):
         assert tokens(outs[f"r{i}"]) == refs[i]
-    assert eng.cache.num_free_blocks == eng.cache.num_blocks
+    assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
 
 
 def test_stop_token_ids_strings_and_min_tokens(lm):
@@ -151,13 +151,13 @@ def test_abort_frees_blocks_at_once(lm):
     eng.add_request(request(lm, "b", ids_of(lm, 1), 8, 50))
     for _ in range(3):
         eng.step()
-    used = eng.cache.num_blocks - eng.cache.num_free_blocks
+    used = eng.blocks.num_blocks - eng.blocks.num_free_blocks
     out = eng.abort("a")
     assert out is not None and out.finished and out.finish_reason is FinishReason.ABORT
-    assert eng.cache.num_blocks - eng.cache.num_free_blocks < used
+    assert eng.blocks.num_blocks - eng.blocks.num_free_blocks < used
     assert eng.abort("a") is None
     eng.abort("b")
-    assert eng.cache.usage == 0.0 and not eng.has_unfinished()
+    assert eng.blocks.usage == 0.0 and not eng.has_unfinished()
 
 
 def test_seeded_sampling_is_reproducible_in_a_batch(lm):
@@ -218,7 +218,7 @@ def test_controller_changes_plan_between_tokens(lm):
     outs = eng.run_to_completion()["s"]
     assert tokens(outs) == ref
     assert rec.switches == [("test-switch", "test", "w8", "w2")]
-    assert rec.tokens == {"w8": 3, "w2": 5}
+    assert rec.tokens == {PrecisionPlan.uniform(8): 3, PrecisionPlan.uniform(2): 5}  # plans, not names, reach the observer
     assert [o.precision for o in outs] == ["w8"] * 3 + ["w2"] * 5
 
 
@@ -232,14 +232,17 @@ def test_attention_of_a_batch_matches_per_sequence(tiny_ckpt: Path, backend: str
     reference's in both runs: the native linears quantize activations to int8, so an attention difference
     at fp32 rounding could flip one rounding and show as a whole quantization step in the logits."""
     from quept.kernels.native import find_compiler
-    from quept.model.kv_cache import SequenceBlocks
-    from quept.model.model import TorchLayerOps, build_layout
+    from quept.model.layer_ops import TorchLayerOps
+    from quept.model.layout import build_layout
+    from quept.model.runner import ModelRunner, SeqRows, StepBatch
+    from quept.precision.plan import PrecisionPlan
+    from quept.precision.segments import StepWidths
 
     if backend == "native" and find_compiler() is None:
         pytest.skip("no C++ compiler: the native kernels cannot be built")
     if backend == "native":
-        from quept.kernels.native import load_native
         from quept.backends.native import NativeLayerOps
+        from quept.kernels.native import load_native
 
         model = load_model(tiny_ckpt, backend="torch-fp32").model
         model.ops = NativeLayerOps(load_native())
@@ -255,17 +258,15 @@ def test_attention_of_a_batch_matches_per_sequence(tiny_ckpt: Path, backend: str
     outs = []
     for batched in (True, False):
         model.ops = batched_ops if batched else per_sequence_ops
-        cache = model.new_kv_cache(1 << 20, block_size=4)
-        seqs = [SequenceBlocks() for _ in prompts]
-        model(torch.cat(prompts), torch.cat([torch.arange(len(p)) for p in prompts]), cache,
-              build_layout(cache, [(s, len(p)) for s, p in zip(seqs, prompts)]), 8)
-        layout = build_layout(cache, [(s, n) for s, n in zip(seqs, new_rows)])
+        runner, tables = ModelRunner.scratch(model, len(prompts), 16, block_size=4)
+        runner.execute(StepBatch([SeqRows(p.tolist(), 0, t, PrecisionPlan.uniform(8)) for p, t in zip(prompts, tables)]))
+        layout = build_layout(runner.cache, [(t, len(p), n) for t, p, n in zip(tables, prompts, new_rows)])
         decoding = [len(p) + 1 for p, n in zip(prompts, new_rows) if n == 1]  # context of each decode row
         assert layout.decode is not None and layout.decode.offsets.diff().tolist() == decoding
         assert layout.decode.padded.max_len == 4 * -(-max(decoding) // 4)
         if not batched:
             layout.decode = None
-        outs.append(model(tokens, positions, cache, layout, 4))
+        outs.append(model(tokens, positions, runner.cache, layout, StepWidths.uniform(4, model.n_linears)))
     model.ops = batched_ops
     # native: its fused ops (polynomial exp in softmax and SiLU) differ from torch's at fp32 rounding, summed
     # over the layers (1.5e-5 measured on the tiny model)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from quept.errors import ContextLengthError
 from quept.engine.generate import generate
-from quept.model.kv_cache import OutOfBlocks
+from quept.errors import ContextLengthError
 from quept.model.loader import load_model
 from quept.precision.plan import PrecisionPlan
 
@@ -20,17 +19,17 @@ def lm(tiny_ckpt: Path):
 
 def spy_caches(model, monkeypatch) -> list:
     caches = []
-    make = model.new_kv_cache_for
+    make = model.new_kv_cache_blocks
 
     def recording(*args, **kwargs):
         caches.append(make(*args, **kwargs))
         return caches[-1]
 
-    monkeypatch.setattr(model, "new_kv_cache_for", recording)
+    monkeypatch.setattr(model, "new_kv_cache_blocks", recording)
     return caches
 
 
-BLOCK = 16  # the default block size of ElasticModel.new_kv_cache_for
+BLOCK = 16  # the default block size of ModelRunner.scratch
 
 
 @pytest.mark.parametrize("prompt_len,max_tokens", [(1, 1), (BLOCK - 1, BLOCK + 2), (2 * BLOCK, 3 * BLOCK)])
@@ -44,7 +43,7 @@ def test_default_cache_holds_just_prompt_plus_max_tokens(lm, monkeypatch, prompt
 
 
 def test_a_budget_too_small_is_an_error_not_a_silent_truncation(lm) -> None:
-    with pytest.raises(OutOfBlocks, match="KV blocks"):
+    with pytest.raises(ContextLengthError, match="80 tokens need 5 KV blocks; a budget of 1 bytes holds 1"):
         generate(lm.model, list(range(40)), PrecisionPlan.uniform(8), 40, kv_budget_bytes=1)
 
 

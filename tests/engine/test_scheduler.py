@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import pytest
 
-from quept.model.kv_cache import PagedKVCache
-from quept.precision.plan import PrecisionPlan
+from quept.engine.block_manager import BlockManager
 from quept.engine.scheduler import Scheduler, SchedulerConfig
 from quept.engine.sequence import GenerationRequest, Sequence, SequenceStatus
+from quept.precision.plan import PrecisionPlan
 
 
 def seq(rid: str, n_prompt: int, max_tokens: int = 8) -> Sequence:
     return Sequence(GenerationRequest(rid, tuple(range(1, n_prompt + 1)), max_tokens), PrecisionPlan.uniform(8))
 
 
-def cache(num_blocks: int, block_size: int = 4) -> PagedKVCache:
-    return PagedKVCache(1, 1, 2, num_blocks, block_size)
+def cache(num_blocks: int, block_size: int = 4) -> BlockManager:
+    return BlockManager(num_blocks, block_size)
 
 
 def run(sched: Scheduler) -> list[tuple[str, int]]:
-    """Schedule one step and apply it as the engine would (reserve blocks, advance, add a token)."""
+    """Schedule one step and apply it as the engine would (advance, add a token); the scheduler has
+    reserved every scheduled row's slot."""
     out = sched.schedule()
     for s in out.scheduled:
-        sched.cache.reserve(s.seq.blocks, s.num_rows)
+        assert s.seq.blocks.num_tokens == s.seq.num_computed + s.num_rows
+        assert len(s.seq.blocks.block_table) * sched.blocks.block_size >= s.seq.blocks.num_tokens
         s.seq.num_computed += s.num_rows
         if s.samples:
             s.seq.token_ids.append(0)
@@ -48,7 +50,7 @@ def test_admission_waits_for_kv_blocks():
     assert [s.request_id for s in sched.waiting] == ["b"]
     sched.remove(sched.running[0])
     assert run(sched) == [("b", 8)]
-    assert sched.cache.num_free_blocks == 2
+    assert sched.blocks.num_free_blocks == 2
 
 
 def test_chunked_prefill_under_the_row_budget_with_decodes_first():
@@ -78,11 +80,10 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
     out = sched.schedule()  # both decodes fit in their blocks
     assert [s.seq.request_id for s in out.scheduled] == ["old", "new"]
     for s in out.scheduled:
-        sched.cache.reserve(s.seq.blocks, s.num_rows)
         s.seq.num_computed += 1
         s.seq.token_ids.append(0)
     for s in sched.running:  # fill the blocks so the next decode needs a new block each
-        sched.cache.reserve(s.blocks, 8 - s.blocks.num_tokens)
+        sched.blocks.reserve(s.blocks, 8 - s.blocks.num_tokens)
         s.num_computed = s.blocks.num_tokens
         s.token_ids.extend([0] * (s.num_computed + 1 - len(s.token_ids)))
     out = sched.schedule()

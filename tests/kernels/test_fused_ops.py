@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quept.kernels.native import find_compiler
-from quept.model.model import TorchLayerOps
+from quept.model.layer_ops import TorchLayerOps
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler: the native kernels cannot be built")
 SEED = random.randrange(1 << 30)  # fresh inputs every run; in the failure message
@@ -173,10 +173,9 @@ def test_bad_shapes_are_named(ops) -> None:
 
 def test_model_with_fused_ops_matches_plain_ops(tiny_ckpt) -> None:
     from quept.engine.generate import generate
-    from quept.model.kv_cache import SequenceBlocks
     from quept.model.loader import load_model
-    from quept.model.model import build_layout
     from quept.precision.plan import PrecisionPlan
+    from tests.tiny import prefill_then_decode
 
     lm = load_model(tiny_ckpt, backend="native")
     assert type(lm.model.ops).__name__ == "NativeLayerOps"
@@ -186,13 +185,7 @@ def test_model_with_fused_ops_matches_plain_ops(tiny_ckpt) -> None:
     plain.kv_dtype = fused.kv_dtype  # like for like: the native ops keep K/V in fp16
     for ops in (fused, plain):
         lm.model.ops = ops
-        cache = lm.model.new_kv_cache(1 << 20)
-        seq = SequenceBlocks()
-        n = len(ids) - 2
-        out = [lm.model(ids[:n], torch.arange(n), cache, build_layout(cache, [(seq, n)]), 4)]
-        for j in range(n, len(ids)):  # decode rows too
-            out.append(lm.model(ids[j : j + 1], torch.tensor([j]), cache, build_layout(cache, [(seq, 1)]), 4))
-        logits.append(torch.cat(out))
+        logits.append(prefill_then_decode(lm.model, ids, 4, n_prefill=len(ids) - 2, block_size=16))  # decode rows too
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
     lm.model.ops = fused
     assert len(generate(lm.model, ids.tolist(), PrecisionPlan.uniform(8), 3).tokens) == 3

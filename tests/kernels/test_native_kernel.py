@@ -17,6 +17,7 @@ import torch
 from quept.kernels.native import find_compiler
 from quept.kernels.native_ref import elastic_linear_emulated, error_bound, magnitude, quantize_activations
 from quept.kernels.reference import elastic_linear_ref
+from quept.precision.segments import segments_of
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler: the native kernels cannot be built")
 
@@ -83,7 +84,11 @@ def run(native, layer, x: torch.Tensor, row_bits: torch.Tensor | int, n: int) ->
     if isinstance(row_bits, int):
         got = layer.forward(x, row_bits, out=out)
     else:
-        got = layer.forward_rows(x, row_bits, out=out)
+        segs = segments_of(row_bits.tolist())
+        if isinstance(segs, int):  # every row drew the same width
+            got = layer.forward(x, segs, out=out)
+        else:
+            got = layer.forward_segments(x, native.Segments(segs.order.int(), list(segs.bits), list(segs.bounds)), out=out)
     assert got.data_ptr() == out.data_ptr()
     return out
 
@@ -259,7 +264,7 @@ def test_isa_paths_agree(native, gen) -> None:
         outs[isa] = torch.stack([run(native, layer, x, b, 77) for b in WIDTHS])
     first = outs["generic"]
     for isa, out in outs.items():
-        torch.testing.assert_close(out, first, rtol=1e-5, atol=1e-4, msg=lambda s: f"{isa}: {s}")
+        torch.testing.assert_close(out, first, rtol=1e-5, atol=1e-4, msg=lambda s, isa=isa: f"{isa}: {s}")
 
 
 def test_bf16_input_returns_bf16(native, gen) -> None:
@@ -276,8 +281,17 @@ def test_bad_inputs_name_the_problem(native, gen) -> None:
         layer.forward(torch.randn(1, 64), 7)
     with pytest.raises(RuntimeError, match="K=64"):
         layer.forward(torch.randn(1, 32), 4)
-    with pytest.raises(RuntimeError, match="row_bits must be"):
-        layer.forward_rows(torch.randn(2, 64), torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="segments cover 1 rows; x has 2"):
+        layer.forward_segments(torch.randn(2, 64), native.Segments(torch.tensor([0], dtype=torch.int32), [4], [0, 1]))
+    with pytest.raises(RuntimeError, match="width 7 is not stored"):
+        layer.forward_segments(torch.randn(2, 64), native.Segments(torch.tensor([1, 0], dtype=torch.int32), [7, 4],
+                                                                   [0, 1, 2]))
+    with pytest.raises(RuntimeError, match="permutation"):
+        native.Segments(torch.tensor([0, 0], dtype=torch.int32), [8, 4], [0, 1, 2])
+    with pytest.raises(RuntimeError, match="bounds must run from 0 to M=2"):
+        native.Segments(torch.tensor([1, 0], dtype=torch.int32), [8, 4], [0, 1, 3])
+    with pytest.raises(RuntimeError, match="int32"):
+        native.Segments(torch.tensor([1, 0]), [8], [0, 2])
     with pytest.raises(RuntimeError, match="multiple of 32"):
         native.Layer(*case.args(), torch.empty(0), list(WIDTHS), [0] * 6, 16)
     with pytest.raises(RuntimeError, match="not supported|unknown ISA"):

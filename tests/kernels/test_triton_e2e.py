@@ -10,13 +10,13 @@ import torch
 pytest.importorskip("triton")
 
 from quept.engine.generate import generate  # noqa: E402
-from quept.model.kv_cache import SequenceBlocks  # noqa: E402
-from quept.model.loader import load_model  # noqa: E402
-from quept.model.model import build_layout  # noqa: E402
-from quept.precision.plan import PrecisionPlan  # noqa: E402
 from quept.engine.sampler import SamplingParams  # noqa: E402
+from quept.model.loader import load_model  # noqa: E402
+from quept.model.runner import ModelRunner, SeqRows, StepBatch  # noqa: E402
+from quept.precision.plan import PrecisionPlan  # noqa: E402
 
 PROMPT = [5, 77, 190, 3, 41, 250, 12]
+WIDTHS = (8, 6, 5, 4, 3, 2)
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +40,19 @@ def test_mixed_rows_and_layers_match_torch_backend(models) -> None:
     logits = []
     for lm in models:
         model = lm.model
-        n = model.n_linears
         gen = torch.Generator().manual_seed(3)
-        widths = torch.tensor([8, 6, 5, 4, 3, 2], dtype=torch.int16)
+
+        def random_plan(name: str, n: int = model.n_linears, gen: torch.Generator = gen) -> PrecisionPlan:
+            return PrecisionPlan(name, per_linear=tuple(WIDTHS[i] for i in torch.randint(0, 6, (n,), generator=gen).tolist()))
+
         lens = (6, 1, 2)
-        seqs = [SequenceBlocks() for _ in lens]
-        cache = model.new_kv_cache(1 << 20, block_size=4)
-        tokens = torch.randint(0, model.args.vocab_size, (sum(lens),), generator=gen)
-        positions = torch.cat([torch.arange(k) for k in lens])
-        row_bits = widths[torch.randint(0, 6, (sum(lens), n), generator=gen)]  # [T, n_linears]
-        out = [model(tokens, positions, cache, build_layout(cache, list(zip(seqs, lens))), row_bits)]  # [9, V]
-        tokens = torch.randint(0, model.args.vocab_size, (3,), generator=gen)
-        row_bits = widths[torch.randint(0, 6, (3, n), generator=gen)]
-        out.append(model(tokens, torch.tensor(lens), cache, build_layout(cache, [(s, 1) for s in seqs]), row_bits))
+        runner, tables = ModelRunner.scratch(model, len(lens), 8, block_size=4)
+        prompts = [torch.randint(0, model.args.vocab_size, (k,), generator=gen).tolist() for k in lens]
+        prefill = [SeqRows(ids, 0, t, random_plan(f"p{i}")) for i, (ids, t) in enumerate(zip(prompts, tables))]
+        out = [runner.execute(StepBatch(prefill, all_logits=True))]  # [9, V]
+        step = [SeqRows([int(torch.randint(0, model.args.vocab_size, (1,), generator=gen))], k, t, random_plan(f"d{i}"))
+                for i, (k, t) in enumerate(zip(lens, tables))]
+        out.append(runner.execute(StepBatch(step)))  # [3, V]
         logits.append(torch.cat(out))  # [12, V]
     want, got = logits
     assert float((got - want).abs().max() / want.abs().max()) < 1e-3

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quept.model.checkpoint import ELASTIC_FILE, META_FILE, load_checkpoint
-from quept.errors import CheckpointError
-from tests.tiny import tiny_checkpoint, tiny_source
 from quept.build.builder import build_checkpoint
+from quept.errors import CheckpointError
+from quept.model.checkpoint import ELASTIC_FILE, META_FILE, load_checkpoint
+from tests.tiny import tiny_checkpoint, tiny_source
 
 
 @pytest.fixture()

@@ -1,33 +1,29 @@
+"""KV tensors: budget sizing, slot ids from block tables, and a table too short for its rows."""
+
 from __future__ import annotations
 
 import pytest
 
-from quept.model.kv_cache import OutOfBlocks, PagedKVCache, SequenceBlocks
-
-
-def test_blocks_are_allocated_on_demand_and_freed() -> None:
-    cache = PagedKVCache(n_layers=1, n_kv_heads=1, head_dim=4, num_blocks=4, block_size=4)
-    seq = SequenceBlocks()
-    slots = cache.reserve(seq, 5)  # 5 tokens need 2 blocks, not the whole context
-    assert len(seq.block_table) == 2 and cache.num_free_blocks == 2 and slots.tolist()[:4] == [
-        seq.block_table[0] * 4 + i for i in range(4)]
-    cache.reserve(seq, 3)
-    assert len(seq.block_table) == 2 and cache.usage == 0.5
-    cache.truncate(seq, 4)
-    assert len(seq.block_table) == 1 and cache.num_free_blocks == 3
-    cache.free(seq)
-    assert cache.num_free_blocks == 4 and cache.usage == 0.0
-
-
-def test_out_of_blocks_is_refused_without_side_effects() -> None:
-    cache = PagedKVCache(n_layers=1, n_kv_heads=1, head_dim=4, num_blocks=2, block_size=4)
-    seq = SequenceBlocks()
-    assert not cache.can_allocate(seq, 9)
-    with pytest.raises(OutOfBlocks):
-        cache.reserve(seq, 9)
-    assert cache.num_free_blocks == 2 and seq.num_tokens == 0
+from quept.model.kv_cache import KVCache, blocks_for, contiguous_tables
 
 
 def test_budget_sizing() -> None:
-    cache = PagedKVCache.with_budget(2, 2, 8, budget_bytes=2 * 2 * 16 * 2 * 8 * 4 * 10, block_size=16)
-    assert cache.num_blocks == 10
+    cache = KVCache.with_budget(2, 2, 8, budget_bytes=2 * 2 * 16 * 2 * 8 * 4 * 10, block_size=16)
+    assert cache.num_blocks == 10 and tuple(cache.k_cache.shape) == (2, 10, 16, 2, 8)
+    assert KVCache.with_budget(2, 2, 8, budget_bytes=0).num_blocks == 1
+
+
+def test_slots_follow_the_block_table() -> None:
+    cache = KVCache(1, 1, 2, num_blocks=8, block_size=4)
+    assert cache.slots([5, 2], 2, 7).tolist() == [22, 23, 8, 9, 10]
+
+
+def test_a_table_too_short_is_a_clear_error() -> None:
+    cache = KVCache(1, 1, 2, num_blocks=8, block_size=4)
+    with pytest.raises(ValueError, match="need 3 KV blocks; the table has 2"):
+        cache.slots([0, 1], 0, 9)
+
+
+def test_contiguous_tables() -> None:
+    assert blocks_for(9, 4) == 3 and blocks_for(8, 4) == 2
+    assert contiguous_tables(2, 9, 4) == [[0, 1, 2], [3, 4, 5]]

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quept.kernels.native import find_compiler
 from quept.backends import get_backend
 from quept.engine.generate import generate
+from quept.kernels.native import find_compiler
 from quept.model.loader import load_model
 from quept.model.model import elastic_model_from_checkpoint
 from quept.precision.plan import PrecisionPlan

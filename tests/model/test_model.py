@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from quept.kernels.reference import dequantize
-from quept.model.kv_cache import SequenceBlocks
+from quept.model.args import linear_names
 from quept.model.loader import load_model
-from quept.model.model import build_layout, linear_names
-from tests.tiny import tiny_checkpoint, tiny_hf_model
+from quept.model.runner import ModelRunner, SeqRows, StepBatch
+from quept.precision.plan import PrecisionPlan
+from tests.tiny import prefill_then_decode, tiny_checkpoint, tiny_hf_model
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 
@@ -57,17 +56,8 @@ def test_prefill_and_decode_match_transformers(loaded, bits):
     ids = torch.randint(0, lm.model.args.vocab_size, (1, 13), generator=gen)
     with torch.no_grad():
         ref = hf(ids).logits[0]  # [13, V]
-    model = lm.model
-    cache = model.new_kv_cache(1 << 20, block_size=4)
-    seq = SequenceBlocks()
-    n_prefill = 9
-    layout = build_layout(cache, [(seq, n_prefill)])
-    ours = [model(ids[0, :n_prefill], torch.arange(n_prefill), cache, layout, bits)]
-    for t in range(n_prefill, 13):  # step-by-step decode through the paged cache
-        layout = build_layout(cache, [(seq, 1)])
-        ours.append(model(ids[0, t : t + 1], torch.tensor([t]), cache, layout, bits))
-    ours_all = torch.cat(ours)
-    assert rel_err(ours_all, ref) < 1e-4
+    ours = prefill_then_decode(lm.model, ids[0], bits, n_prefill=9)  # then step-by-step decode through the cache
+    assert rel_err(ours, ref) < 1e-4
 
 
 def test_mixed_batch_rows_match_rows_alone(loaded):
@@ -76,17 +66,11 @@ def test_mixed_batch_rows_match_rows_alone(loaded):
     model = lm.model
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=gen) for n in (5, 8, 3)]
-    widths = (8, 4, 2)
-    alone = []
-    for p, b in zip(prompts, widths):
-        cache = model.new_kv_cache(1 << 20)
-        seq = SequenceBlocks()
-        alone.append(model(p, torch.arange(len(p)), cache, build_layout(cache, [(seq, len(p))]), b))
-    cache = model.new_kv_cache(1 << 20)
-    seqs = [SequenceBlocks() for _ in prompts]
-    layout = build_layout(cache, [(s, len(p)) for s, p in zip(seqs, prompts)])
-    row_bits = torch.cat([torch.full((len(p), model.n_linears), b, dtype=torch.int16) for p, b in zip(prompts, widths)])
-    mixed = model(torch.cat(prompts), torch.cat([torch.arange(len(p)) for p in prompts]), cache, layout, row_bits)
+    plans = [PrecisionPlan.uniform(b) for b in (8, 4, 2)]
+    alone = [prefill_then_decode(model, p, plan, n_prefill=len(p)) for p, plan in zip(prompts, plans)]
+    runner, tables = ModelRunner.scratch(model, len(prompts), 8)
+    batch = StepBatch([SeqRows(p.tolist(), 0, t, plan) for p, t, plan in zip(prompts, tables, plans)], all_logits=True)
+    mixed = runner.execute(batch)
     for got, want in zip(mixed.split([len(p) for p in prompts]), alone):
         assert rel_err(got, want) < 1e-5
 
@@ -96,18 +80,16 @@ def test_per_layer_plan_differs_from_uniform(loaded):
     _, lm = loaded
     model = lm.model
     ids = torch.arange(6)
-    outs = []
-    for plan in (torch.full((6, model.n_linears), 8, dtype=torch.int16),
-                 torch.tensor([8, 2] * (model.n_linears // 2) + [8] * (model.n_linears % 2), dtype=torch.int16).expand(6, -1)):
-        cache = model.new_kv_cache(1 << 20)
-        outs.append(model(ids, torch.arange(6), cache, build_layout(cache, [(SequenceBlocks(), 6)]), plan))
+    per_linear = tuple([8, 2] * (model.n_linears // 2) + [8] * (model.n_linears % 2))
+    outs = [prefill_then_decode(model, ids, plan, n_prefill=6)
+            for plan in (PrecisionPlan.uniform(8), PrecisionPlan("alternating", per_linear=per_linear))]
     assert rel_err(outs[0], outs[1]) > 1e-3
 
 
 def test_fp16_kv_cache_stays_close_to_fp32(loaded):
     """Layer ops that keep K/V in fp16 (the native ones) change the logits by rounding alone: on the
     continuous fp32 reference, well under a percent of their largest value."""
-    from quept.model.model import TorchLayerOps
+    from quept.model.layer_ops import TorchLayerOps
 
     _, lm = loaded
     model = lm.model
@@ -117,13 +99,8 @@ def test_fp16_kv_cache_stays_close_to_fp32(loaded):
         ops = TorchLayerOps()
         ops.kv_dtype = kv_dtype
         model.ops = ops
-        cache = model.new_kv_cache(1 << 20, block_size=4)
-        assert cache.k_cache.dtype == kv_dtype
-        seq = SequenceBlocks()
-        out = [model(ids[:12], torch.arange(12), cache, build_layout(cache, [(seq, 12)]), 4)]
-        for t in range(12, 20):
-            out.append(model(ids[t : t + 1], torch.tensor([t]), cache, build_layout(cache, [(seq, 1)]), 4))
-        outs.append(torch.cat(out))
+        assert model.new_kv_cache_blocks(1).k_cache.dtype == kv_dtype
+        outs.append(prefill_then_decode(model, ids, 4, n_prefill=12))
     model.ops = TorchLayerOps()
     err = rel_err(outs[1], outs[0])
     assert 0 < err < 5e-3  # it is rounded (not silently fp32), and only rounded

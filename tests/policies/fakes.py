@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from quept.policies import CostModel
-from quept.precision.spec import PrecisionSpec, parse_spec
-from quept.precision.plan import PrecisionPlan
 from quept.engine.sequence import GenerationRequest, Sequence
+from quept.policies import CostModel
+from quept.precision.plan import PrecisionPlan
+from quept.precision.spec import PrecisionSpec, parse_spec
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 MIXED = {"mixed:5": (6, 4, 6, 4), "mixed:4.5": (6, 3, 5, 4)}  # 4 linears of equal size
@@ -41,10 +41,10 @@ def seq(rid: str = "r", spec: str | None = None, plan: str = "w8", max_tokens: i
 
 # Step seconds per plan and batch: w8 is 10 ms + 4 ms per sequence, lower widths cheaper.
 TABLE = {
-    "w8": {1: 0.014, 16: 0.074},
-    "w6": {1: 0.012, 16: 0.057},
-    "w5": {1: 0.011, 16: 0.049},
-    "w4": {1: 0.010, 16: 0.040},
+    PrecisionPlan.uniform(8): {1: 0.014, 16: 0.074},
+    PrecisionPlan.uniform(6): {1: 0.012, 16: 0.057},
+    PrecisionPlan.uniform(5): {1: 0.011, 16: 0.049},
+    PrecisionPlan.uniform(4): {1: 0.010, 16: 0.040},
 }
 
 

@@ -11,17 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from quept.policies import make_controller
-from quept.policies.base import StepContext
 from quept.engine.engine import EngineConfig, LLMEngine
-from quept.eval.perplexity import window_nll
 from quept.engine.generate import generate
-from quept.model.loader import load_model
-from quept.policies import CostModel, EntropyPolicy, LoadPolicy
-from quept.policies.entropy_policy import (calibrate_threshold, row_entropy, save_calibration,
-                                                   simulate_window)
-from quept.precision.plan import PrecisionPlan
 from quept.engine.sequence import GenerationRequest
+from quept.eval.perplexity import window_nll
+from quept.model.loader import load_model
+from quept.model.runner import score_sequence
+from quept.policies import CostModel, EntropyPolicy, LoadPolicy, make_controller
+from quept.policies.base import StepContext
+from quept.policies.entropy_policy import calibrate_threshold, row_entropy, save_calibration, simulate_window
+from quept.precision.plan import PrecisionPlan
 from tests.policies.fakes import Model, cost, seq
 
 PEAKED = torch.tensor([20.0] + [0.0] * 99)  # entropy ~ 0
@@ -101,8 +100,8 @@ def test_switching_mid_sequence_keeps_the_kv_cache_valid(lm):
     ents = []
     for i, toks in zip(ids, ref8):
         window = torch.tensor(list(i) + toks)
-        cache_logits = lm.model(window, torch.arange(len(window)), *_one_window(lm, len(window)), 8)
-        ents.append(row_entropy(cache_logits[len(i) - 1 :]))
+        logits = score_sequence(lm.model, window, PrecisionPlan.uniform(8))  # [L, V]
+        ents.append(row_entropy(logits[len(i) - 1 :]))
     threshold = float(torch.cat(ents).median())
     pol = EntropyPolicy(lm, "w8", entropy_threshold=threshold, entropy_window=2, entropy_low="w3")
     eng = LLMEngine(lm.model, lm.tokenizer, pol, EngineConfig(kv_cache_bytes=1 << 20), eos_ids=())
@@ -119,14 +118,6 @@ def test_switching_mid_sequence_keeps_the_kv_cache_valid(lm):
         assert [t for o in got for t in o.new_token_ids] == ref.tokens, f"sequence {k} ({per_step})"
     assert switched >= 3
     assert set(pol.tokens) == {"high", "low"} and min(pol.tokens.values()) > 0
-
-
-def _one_window(lm, n: int):
-    from quept.model.kv_cache import SequenceBlocks
-    from quept.model.model import build_layout
-
-    cache = lm.model.new_kv_cache(budget_bytes=0, block_size=n)
-    return cache, build_layout(cache, [(SequenceBlocks(), n)])
 
 
 def test_threshold_calibration_is_stored_and_read_back(lm, tmp_path: Path):
@@ -148,7 +139,7 @@ def test_teacher_forced_simulation_matches_one_forward_without_switching(lm):
     window = torch.tensor((list(lm.encode_chat(PROMPTS[2])) * 3)[:40])
     low, high = PrecisionPlan.uniform(4), PrecisionPlan.uniform(8)
     never = simulate_window(lm, window, low, high, threshold=math.inf, window_quiet=2)
-    nll4, n = window_nll(lm.model, window, 4)
+    nll4, n = window_nll(lm.model, window, PrecisionPlan.uniform(4))
     assert never["tokens"] == n and never["high_steps"] == 0
     assert never["nll"] == pytest.approx(nll4, rel=1e-4)
     always = simulate_window(lm, window, low, high, threshold=-1.0, window_quiet=2)
@@ -158,10 +149,10 @@ def test_teacher_forced_simulation_matches_one_forward_without_switching(lm):
 def test_cost_model_profiles_the_tiny_model(lm):
     plans = [PrecisionPlan.uniform(8), PrecisionPlan.uniform(4)]
     cm = CostModel.profile(lm.model, plans, [1, 3], context=8, reps=1)
-    assert set(cm.table) == {"w8", "w4"} and all(set(r) == {1, 3} for r in cm.table.values())
+    assert {p.name for p in cm.table} == {"w8", "w4"} and all(set(r) == {1, 3} for r in cm.table.values())
     assert all(s > 0 for r in cm.table.values() for s in r.values())
     pol = LoadPolicy(lm, "w8", profile_batches="1,2", profile_reps=1, profile_context=8)
-    assert set(pol.cost.table) == {"w8", "w6", "w5", "w4"}
+    assert {p.name for p in pol.cost.table} == {"w8", "w6", "w5", "w4"}
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from quept.errors import PrecisionError
 from quept.policies import POLICIES, FixedPolicy, make_controller, register_policy
 from quept.policies.base import NO_MIXED_MESSAGE
-from quept.errors import PrecisionError
-from quept.precision.spec import PrecisionSpec, parse_spec
 from quept.precision.plan import PrecisionPlan
+from quept.precision.spec import PrecisionSpec, parse_spec
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 

@@ -12,11 +12,12 @@ import random
 
 import pytest
 
-from quept.policies import POLICIES, make_controller
+from quept.policies import POLICIES, CostModel, LoadPolicy, make_controller, replay_trace
 from quept.policies.base import StepContext
-from quept.policies import CostModel, LoadPolicy, replay_trace
 from quept.policies.plans import within_bounds
 from tests.policies.fakes import TABLE, Model, cost, seq
+
+plan = Model().plan_for
 
 
 def policy(**kw) -> LoadPolicy:
@@ -158,9 +159,8 @@ def test_report_shows_the_cost_model():
 
 def test_cost_model_interpolates_batches_and_plans():
     cm = cost()
-    plan = Model().plan_for
-    assert cm.base("w8", 8) == pytest.approx(0.042)
-    assert cm.base("w8", 32) == pytest.approx(0.074 + 16 * 0.004)  # extrapolated from the last two points
+    assert cm.base(plan("w8"), 8) == pytest.approx(0.042)
+    assert cm.base(plan("w8"), 32) == pytest.approx(0.074 + 16 * 0.004)  # extrapolated from the last two points
     assert cm.base(plan("mixed:4.5"), 16) == pytest.approx((0.040 + 0.049) / 2)  # by real bits
     assert cm.base(plan("w3"), 1) == pytest.approx(0.010)  # below the table: the nearest plan
     for _ in range(7):
@@ -168,14 +168,14 @@ def test_cost_model_interpolates_batches_and_plans():
     assert cm.correction() == 1.0  # fewer than min_samples
     cm.observe([(plan("w8"), 1)], 1, 0.028)
     assert cm.correction() == pytest.approx(2.0)
-    assert cm.predict("w4", 16) == pytest.approx(0.080)
+    assert cm.predict(plan("w4"), 16) == pytest.approx(0.080)
 
 
 def test_overload_does_not_flap_between_near_equal_plans():
     # nothing meets a 20 ms SLO at batch 7-8; w8 and w4 are within 10 % there: the current plan stays
-    near = CostModel.from_table({"w8": {1: 0.010, 8: 0.031}, "w4": {1: 0.008, 8: 0.0285}})
+    near = CostModel.from_table({plan("w8"): {1: 0.010, 8: 0.031}, plan("w4"): {1: 0.008, 8: 0.0285}})
     pol = LoadPolicy(Model(), "w8", cost_model=near, slo_itl_ms=20, load_dwell_s=0, load_plans="w8,w4")
     assert replay_trace(pol, trace([7, 8, 7, 8, 7, 8])) == ["w8"] * 6
-    far = CostModel.from_table({"w8": {1: 0.010, 8: 0.040}, "w4": {1: 0.008, 8: 0.0285}})
+    far = CostModel.from_table({plan("w8"): {1: 0.010, 8: 0.040}, plan("w4"): {1: 0.008, 8: 0.0285}})
     pol = LoadPolicy(Model(), "w8", cost_model=far, slo_itl_ms=20, load_dwell_s=0, load_plans="w8,w4")
     assert replay_trace(pol, trace([7, 8, 7, 8])) == ["w4"] * 4 and pol.reason == "overload"

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from quept.precision.allocation import allocate, real_bits
 from quept.errors import PrecisionError
+from quept.precision.allocation import allocate, real_bits
 from tests.build.test_calibration import calibrated  # noqa: F401  (module fixture)
 
 WIDTHS = [8, 6, 5, 4, 3, 2]

@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from quept.errors import PrecisionError
 from quept.precision.spec import parse_spec
-from quept.precision.plan import PrecisionPlan, rows_bits
 
 W = (8, 6, 5, 4, 3, 2)
 
@@ -44,10 +42,3 @@ def test_bad_specs_name_the_problem(text, message) -> None:
 def test_non_string_spec() -> None:
     with pytest.raises(PrecisionError, match="must be a string"):
         parse_spec(4, W)  # type: ignore[arg-type]
-
-
-def test_rows_bits_uniform_and_mixed() -> None:
-    assert rows_bits([(PrecisionPlan.uniform(4), 3), (PrecisionPlan.uniform(4), 1)], 5) == 4
-    mixed = rows_bits([(PrecisionPlan.uniform(8), 2), (PrecisionPlan("p", per_linear=(2, 3, 4, 5, 6)), 1)], 5)
-    assert isinstance(mixed, torch.Tensor) and mixed.shape == (3, 5)
-    assert mixed[2].tolist() == [2, 3, 4, 5, 6] and mixed[0].tolist() == [8] * 5

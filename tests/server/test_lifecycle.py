@@ -54,7 +54,7 @@ def test_disconnect_mid_stream_frees_kv_blocks_and_counts_abort(server: LiveServ
     assert wait_for(lambda: metric(server, "quept:kv_cache_usage_perc") == idle)
     assert metric(server, "quept:request_success_total", finished_reason="abort") == aborted + 1
     assert metric(server, "quept:num_requests_running") == 0
-    assert server.engine.cache.num_free_blocks == server.engine.cache.num_blocks
+    assert server.engine.blocks.num_free_blocks == server.engine.blocks.num_blocks
 
 
 def test_disconnect_of_non_streaming_request_aborts(server: LiveServer, slow_steps) -> None:
@@ -63,7 +63,7 @@ def test_disconnect_of_non_streaming_request_aborts(server: LiveServer, slow_ste
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=0.3)
     assert wait_for(lambda: metric(server, "quept:request_success_total", finished_reason="abort") == aborted + 1)
-    assert wait_for(lambda: server.engine.cache.num_free_blocks == server.engine.cache.num_blocks)
+    assert wait_for(lambda: server.engine.blocks.num_free_blocks == server.engine.blocks.num_blocks)
 
 
 def test_full_queue_answers_429_with_retry_after(make_server) -> None:

@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quept.backends.base import ElasticWeights
-from quept.model.checkpoint import STORE_DTYPE
-from quept.model.model import LINEAR_NAMES, ModelArgs, apply_rope, rms_norm
 from quept.build.quantizer import quantize_independent
+from quept.model.args import LINEAR_NAMES, ModelArgs
+from quept.model.checkpoint import STORE_DTYPE
+from quept.model.layer_ops import apply_rope, rms_norm
 
-from .master_codes import fit_all_affines, fit_affine, master_code_search
+from .master_codes import fit_affine, fit_all_affines, master_code_search
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def make_fake_quant(
 
 
 def rope_tables(args: ModelArgs, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from quept.model.model import rope_inv_freq
+    from quept.model.layer_ops import rope_inv_freq
 
     freqs = torch.arange(seq_len).float().unsqueeze(1) * rope_inv_freq(args)  # [L, D/2]
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [L, 1, D]

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 
-
 @dataclass
 class CalibData:
     samples: torch.Tensor  # [S, L] from the start of the file

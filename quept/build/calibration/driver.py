@@ -15,26 +15,35 @@ import logging
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from quept import data as package_data
 from quept.backends.base import ElasticWeights
 from quept.build.builder import default_ranks, resolve_group_size, split_state
-from quept.model.checkpoint import staged_dir, update_meta, write_checkpoint
-from quept.errors import CheckpointError
-from quept.model.model import LINEAR_NAMES, ModelArgs, linear_names, rms_norm
 from quept.build.quantizer import check_group_size, check_widths
 from quept.build.source import SourceModel
+from quept.errors import CheckpointError
+from quept.model.args import LINEAR_NAMES, ModelArgs, linear_names
+from quept.model.checkpoint import staged_dir, update_meta, write_checkpoint
+from quept.model.layer_ops import rms_norm
 
-from .blockwise import (FakeQuantLinear, block_col_weights, dense_block_output, input_col_weight, make_fake_quant,
-                        quant_block_output, rope_tables, train_block)
+from .blockwise import (
+    FakeQuantLinear,
+    block_col_weights,
+    dense_block_output,
+    input_col_weight,
+    make_fake_quant,
+    quant_block_output,
+    rope_tables,
+    train_block,
+)
 from .config import CalibConfig
-from quept import data as package_data
-
 from .data import CalibData, load_calib_data
 from .tome import mb_tome
 
@@ -147,19 +156,18 @@ def measure_heldout(path: Path, data: CalibData, widths: Sequence[int], profiles
     from quept.eval.perplexity import perplexity
     from quept.model.loader import load_model
     from quept.model.model import dense_model
+    from quept.precision.plan import PrecisionPlan
 
     grad = torch.is_grad_enabled()
     lm = load_model(path, backend="torch-fp32")
     torch.set_grad_enabled(grad)  # load_model turns autograd off process-wide; restore the caller's setting
     with torch.inference_mode():
-        fp, _ = perplexity(dense_model(source.args, source.state), data.heldout, 8, "held-out fp", progress)
-        per_width = {f"w{b}": round(perplexity(lm.model, data.heldout, b, f"held-out w{b}", progress)[0], 3)
-                     for b in widths}
-        per_profile = {}
-        for name in profiles:
-            plan = lm.plan_for(name)
-            per_profile[name] = round(perplexity(lm.model, data.heldout, plan.row_vector(lm.model.n_linears),
-                                                 f"held-out {name}", progress)[0], 3)
+        fp, _ = perplexity(dense_model(source.args, source.state), data.heldout, PrecisionPlan.uniform(8),
+                           "held-out fp", progress)
+        per_width = {f"w{b}": round(perplexity(lm.model, data.heldout, PrecisionPlan.uniform(b), f"held-out w{b}",
+                                               progress)[0], 3) for b in widths}
+        per_profile = {name: round(perplexity(lm.model, data.heldout, lm.plan_for(name), f"held-out {name}",
+                                              progress)[0], 3) for name in profiles}
     return per_width, per_profile, round(fp, 3)
 
 

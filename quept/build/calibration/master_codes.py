@@ -16,7 +16,7 @@ times a per-width importance (the 8-bit width is weighted up so that w8 stays fa
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -16,15 +16,16 @@ two log-probabilities of size ~10. `kl_sensitivity_plain` is the one-linear-at-a
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from quept.kernels.reference import dequantize
 from quept.backends.base import ElasticWeights
-from quept.model.model import LINEAR_NAMES, ModelArgs, linear_names, rms_norm
+from quept.kernels.reference import dequantize
+from quept.model.args import LINEAR_NAMES, ModelArgs, linear_names
+from quept.model.layer_ops import rms_norm
 
 from .blockwise import block_forward, rope_tables
 

@@ -3,8 +3,10 @@
 //
 //   y[m] = x[m] . deq_b(W)^T + (x[m] . A[:r_b]^T) . B[:, :r_b]^T + bias,   b = row_bits[m]
 //
-// One Python call per linear: `Layer.forward(x, bits)` / `Layer.forward_rows(x, row_bits)`; the
-// only tensor allocated per call is the output (scratch lives in thread-local buffers).
+// One Python call per linear: `Layer.forward(x, bits)` for one width, `Layer.forward_segments(x, segs)`
+// for rows grouped by width. A `Segments` (row permutation + per-width bounds) is built once per step
+// from the plans and shared by every linear that reads it, so no linear sorts its rows. The only
+// tensor allocated per call is the output (scratch lives in thread-local buffers).
 #include <ATen/Parallel.h>
 #include <pybind11/stl.h>
 #include <torch/extension.h>
@@ -211,6 +213,33 @@ torch::Tensor tile_rows(const torch::Tensor& t, int64_t n_tiles) {
     return h.reshape(shape).transpose(d - 2, d - 1).contiguous();
 }
 
+// Rows grouped by width: rows order[bounds[i] .. bounds[i+1]) run at bits[i]. Built once per step.
+class Segments {
+   public:
+    Segments(const torch::Tensor& order, std::vector<int64_t> bits, std::vector<int64_t> bounds)
+        : bits_(std::move(bits)), bounds_(std::move(bounds)) {
+        TORCH_CHECK(order.dim() == 1 && order.scalar_type() == torch::kInt, "order must be int32 [M]");
+        TORCH_CHECK(bounds_.size() == bits_.size() + 1 && !bits_.empty() && bits_.size() <= 8,
+                    "one to eight segments with len(bounds) == len(bits) + 1 expected");
+        TORCH_CHECK(bounds_.front() == 0 && bounds_.back() == order.size(0), "bounds must run from 0 to M=", order.size(0));
+        for (size_t i = 0; i < bits_.size(); ++i) {
+            TORCH_CHECK(bounds_[i] <= bounds_[i + 1], "bounds must not decrease");
+            TORCH_CHECK(bits_[i] >= 1 && bits_[i] <= 8, "widths must be in 1..8, got ", bits_[i]);
+        }
+        const auto o = order.contiguous();
+        order_.assign(o.data_ptr<int32_t>(), o.data_ptr<int32_t>() + o.numel());
+        std::vector<bool> seen(order_.size(), false);
+        for (int32_t m : order_) {
+            TORCH_CHECK(m >= 0 && m < (int32_t)order_.size() && !seen[m], "order must be a permutation of 0..M-1");
+            seen[m] = true;
+        }
+    }
+    int64_t num_rows() const { return (int64_t)order_.size(); }
+
+    std::vector<int32_t> order_;
+    std::vector<int64_t> bits_, bounds_;
+};
+
 class Layer {
    public:
     Layer(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins,
@@ -271,11 +300,10 @@ class Layer {
         return run(x, bits, nullptr, out);
     }
 
-    torch::Tensor forward_rows(const torch::Tensor& x, const torch::Tensor& row_bits,
-                               const std::optional<torch::Tensor>& out) const {
-        TORCH_CHECK(row_bits.dim() == 1 && row_bits.size(0) == x.size(0), "row_bits must be [M] with M=", x.size(0));
-        auto rb = row_bits.to(torch::kInt64).contiguous();
-        return run(x, 0, rb.data_ptr<int64_t>(), out);
+    torch::Tensor forward_segments(const torch::Tensor& x, const Segments& segs,
+                                   const std::optional<torch::Tensor>& out) const {
+        TORCH_CHECK(segs.num_rows() == x.size(0), "segments cover ", segs.num_rows(), " rows; x has ", x.size(0));
+        return run(x, 0, &segs, out);
     }
 
     int64_t resident_bytes() const {
@@ -297,7 +325,7 @@ class Layer {
         return -1;
     }
 
-    torch::Tensor run(const torch::Tensor& x_in, int64_t bits, const int64_t* row_bits,
+    torch::Tensor run(const torch::Tensor& x_in, int64_t bits, const Segments* by_width,
                       const std::optional<torch::Tensor>& out_arg) const {
         TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == L_.k, "x must be [M, K] with K=", L_.k, ", got ", x_in.sizes());
         const auto x = x_in.scalar_type() == torch::kFloat ? x_in.contiguous() : x_in.to(torch::kFloat).contiguous();
@@ -338,28 +366,21 @@ class Layer {
 
         Segment segs[8];
         int n_segs = 0;
-        if (row_bits == nullptr) {
+        if (by_width == nullptr) {
             const int w = width_index(bits);
             for (int64_t m = 0; m < M; ++m) {
                 rows[m] = (int32_t)m;
                 row_rank[m] = (int32_t)ranks_[w];
             }
             segs[n_segs++] = Segment{(int)bits, w, (int)ranks_[w], rows, M};
-        } else {  // counting sort of the rows by width
-            int64_t count[9] = {0};
-            for (int64_t m = 0; m < M; ++m) {
-                const int w = width_index(row_bits[m]);
-                row_rank[m] = (int32_t)ranks_[w];
-                ++count[row_bits[m]];
-            }
-            int64_t start[9] = {0}, fill[9];
-            for (int b = 1; b <= 8; ++b) start[b] = start[b - 1] + count[b - 1];
-            std::copy(start, start + 9, fill);
-            for (int64_t m = 0; m < M; ++m) rows[fill[row_bits[m]]++] = (int32_t)m;
-            for (int b = 8; b >= 1; --b) {
-                if (count[b] == 0) continue;
-                const int w = width_index(b);
-                segs[n_segs++] = Segment{b, w, (int)ranks_[w], rows + start[b], count[b]};
+        } else {  // the step's grouping: rows point into the shared permutation
+            for (size_t i = 0; i < by_width->bits_.size(); ++i) {
+                const int64_t lo = by_width->bounds_[i], n = by_width->bounds_[i + 1] - lo;
+                if (n == 0) continue;
+                const int w = width_index(by_width->bits_[i]);
+                const int32_t* seg_rows = by_width->order_.data() + lo;
+                for (int64_t j = 0; j < n; ++j) row_rank[seg_rows[j]] = (int32_t)ranks_[w];
+                segs[n_segs++] = Segment{(int)by_width->bits_[i], w, (int)ranks_[w], seg_rows, n};
             }
         }
 
@@ -490,10 +511,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              py::arg("widths"), py::arg("ranks"), py::arg("group_size"))
         .def("forward", &Layer::forward, py::arg("x"), py::arg("bits"), py::arg("out") = py::none(),
              py::call_guard<py::gil_scoped_release>())
-        .def("forward_rows", &Layer::forward_rows, py::arg("x"), py::arg("row_bits"), py::arg("out") = py::none(),
+        .def("forward_segments", &Layer::forward_segments, py::arg("x"), py::arg("segments"), py::arg("out") = py::none(),
              py::call_guard<py::gil_scoped_release>())
         .def("resident_bytes", &Layer::resident_bytes)
         .def("planes", &Layer::planes);
+    py::class_<quept::Segments>(m, "Segments")
+        .def(py::init<const torch::Tensor&, std::vector<int64_t>, std::vector<int64_t>>(), py::arg("order"),
+             py::arg("bits"), py::arg("bounds"), "rows order[bounds[i]:bounds[i+1]] run at bits[i] (order: int32 [M])")
+        .def_property_readonly("num_rows", &quept::Segments::num_rows);
     m.def("available_isas", &quept::available_isas, "ISA paths this CPU can run, slowest first");
     m.def("set_isa", &quept::set_isa, py::arg("name"), "Select the ISA path (generic, avx2, avx512)");
     m.def("current_isa", &quept::current_isa);
