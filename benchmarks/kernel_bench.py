@@ -1,4 +1,4 @@
-"""Kernel benchmark: the Triton elastic linear against fp16 `torch.matmul` (DESIGN §6).
+"""Kernel benchmark: the Triton elastic linear against fp16 `torch.matmul` (docs/architecture.md §6).
 
 On a GPU: median times (`triton.testing.do_bench`) for the linear shapes of Llama-2-7B and
 Llama-3-8B, rows M in {1, 4, 16, 64, 256, 2048}, every width and a batch mixing all widths, with

@@ -51,7 +51,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
                         "takes)")
     b.add_argument("--ranks", help="adapter rank per width, e.g. 8:0,6:8,5:8,4:16,3:24,2:32")
     b.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
-    b.add_argument("--calibrate", action="store_true", help="one-shot QuEPT calibration (DESIGN §3)")
+    b.add_argument("--calibrate", action="store_true", help="one-shot QuEPT calibration (docs/architecture.md §3)")
     b.add_argument("--calib-file", type=Path, help="calibration text (default: WikiText-2 valid.txt, shipped in the package)")
     b.add_argument("--samples", type=int, default=16, help="calibration sequences (with --calibrate)")
     b.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (with --calibrate)")

@@ -1,4 +1,4 @@
-"""Backends for `ElasticLinear`, chosen once at load (DESIGN §4)."""
+"""Backends for `ElasticLinear`, chosen once at load (docs/architecture.md §4)."""
 
 from __future__ import annotations
 

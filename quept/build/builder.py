@@ -1,6 +1,6 @@
 """`quept build`: turn a source model into an elastic checkpoint (nested round-to-nearest codes).
 
-Calibration (QuEPT, DESIGN §3) refines the affines and trains the adapters; this module builds the
+Calibration (QuEPT, docs/architecture.md §3) refines the affines and trains the adapters; this module builds the
 uncalibrated starting point: round-to-nearest master codes, centre-of-bin affines, zero adapters.
 """
 
@@ -25,7 +25,7 @@ from quept.model.checkpoint import write_checkpoint
 log = logging.getLogger(__name__)
 
 DEFAULT_RANKS: dict[int, int] = {8: 0, 6: 8, 5: 8, 4: 16, 3: 24, 2: 32}
-DEFAULT_GROUP_SIZE = 64  # DESIGN §1
+DEFAULT_GROUP_SIZE = 64  # docs/architecture.md §1
 # GGML's K-quants (Q2_K..Q8_K, the IQ and TQ types) pack 256-column super-blocks whose 16- or 32-column
 # sub-blocks carry their own (quantized) scales and mins, so no group size reproduces them exactly and one
 # 256-wide group would be 4x coarser than the default: for those the default group size stays.

@@ -2,7 +2,7 @@
 
 Master codes are asymmetric 8-bit codes per group of `G` input columns. The b-bit model reads the
 top `b` bits; its per-width affine starts at the centre of the 8-bit bin range each b-bit code
-covers (DESIGN §1), so `w ≈ q_b * scale_b + min_b` with
+covers (docs/architecture.md §1), so `w ≈ q_b * scale_b + min_b` with
 
     scale_b = scale_8 * 2^(8-b),  min_b = min_8 + scale_8 * (2^(8-b) - 1) / 2.
 

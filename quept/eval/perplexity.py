@@ -1,4 +1,4 @@
-"""Perplexity on fixed windows of a text file (DESIGN §6): `quept eval`.
+"""Perplexity on fixed windows of a text file (docs/architecture.md §6): `quept eval`.
 
 Protocol: the file is tokenized once (no special tokens); the first `windows` non-overlapping
 windows of `seq_len` tokens from its start are scored, each from an empty cache; perplexity is

@@ -1,4 +1,4 @@
-"""The elastic checkpoint (DESIGN §2, format version 1): writing atomically, loading with validation.
+"""The elastic checkpoint (docs/architecture.md §2, format version 1): writing atomically, loading with validation.
 
 Layout of a checkpoint directory:
     config.json           the source model's Hugging Face config

@@ -1,4 +1,4 @@
-"""Mixed precision: a width per linear for a target average of real bits per weight (DESIGN §3.4).
+"""Mixed precision: a width per linear for a target average of real bits per weight (docs/architecture.md §3.4).
 
 The checkpoint's sensitivity table holds, per linear (plan order) and per stored width, the
 KL(p_fp ‖ p_q) measured with only that linear quantized. For a target average `X`, dynamic

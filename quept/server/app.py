@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (DESIGN §5) over the async engine.
+"""The OpenAI-compatible HTTP API (docs/architecture.md §5) over the async engine.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (SSE streaming ending with
 `data: [DONE]`), GET /v1/models (with `NAME@wB` aliases), GET /v1/precisions, GET /health,

@@ -1,4 +1,4 @@
-"""Prometheus metrics, prefix `quept:`, with vLLM's names where one exists (DESIGN §5).
+"""Prometheus metrics, prefix `quept:`, with vLLM's names where one exists (docs/architecture.md §5).
 
 Deployment (dashboards, autoscaling) depends on these exact names:
 

@@ -1,4 +1,4 @@
-"""`quept build`'s group size: the source's own quantization block when it fits, else DESIGN's 64."""
+"""`quept build`'s group size: the source's own quantization block when it fits, else the architecture's 64."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ SERVE_ENV = {
     "QUEPT_CACHE_DIR", "QUEPT_DEFAULT_PRECISION",
 }
 
-# Metric families of DESIGN.md §5 (with the `quept:` prefix, counters without `_total`).
+# Metric families of docs/architecture.md §5 (with the `quept:` prefix, counters without `_total`).
 DESIGN_METRICS = {
     "quept:num_requests_running": "gauge",
     "quept:num_requests_waiting": "gauge",
@@ -29,7 +29,7 @@ DESIGN_METRICS = {
     "quept:precision_switches": "counter",
     "quept:requests_by_precision": "counter",
 }
-# Exported beyond DESIGN §5 (documented in server/metrics.py).
+# Exported beyond docs/architecture.md §5 (documented in quept/server/metrics.py).
 SERVER_EXTRA_METRICS = {
     "quept:num_preemptions": "counter",
     "quept:request_queue_time_seconds": "histogram",

@@ -1,5 +1,5 @@
 """deploy/grafana: the dashboard JSON loads, its layout is sound, every query names a metric of
-DESIGN.md §5 and parses as PromQL (promtool, when installed). test_live_metrics.py checks the
+docs/architecture.md §5 and parses as PromQL (promtool, when installed). test_live_metrics.py checks the
 same queries against a running server's /metrics."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def family(name: str) -> tuple[str, str]:
     for fam, kind in (DESIGN_METRICS | SERVER_EXTRA_METRICS).items():
         if any(name == fam + s for s in SUFFIXES[kind]):
             return fam, kind
-    raise AssertionError(f"{name} is not a sample name of any DESIGN §5 (or server/metrics.py) metric")
+    raise AssertionError(f"{name} is not a sample name of any docs/architecture.md §5 (or quept/server/metrics.py) metric")
 
 
 def promql(expr: str) -> str:

@@ -115,7 +115,7 @@ def test_hpa_scales_on_queue_depth_through_the_adapter() -> None:
     rules = yaml.safe_load(objs[("ConfigMap", "prometheus-adapter-quept")]["data"]["config.yaml"])
     (rule,) = rules["rules"]
     series = re.match(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", rule["seriesQuery"]).group(1)
-    assert series == "quept:num_requests_waiting"  # DESIGN §5: the queue depth
+    assert series == "quept:num_requests_waiting"  # docs/architecture.md §5: the queue depth
     exported = re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), series)
     assert exported == hpa_name
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}

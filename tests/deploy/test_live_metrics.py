@@ -118,8 +118,8 @@ def test_dashboard_queries_match_live_metrics(server) -> None:
     assert {k.lower(): v for k, v in headers.items()}["x-precision"].startswith("w4")
 
     types, labels = _exposition(base)
-    for fam, kind in (DESIGN_METRICS | SERVER_EXTRA_METRICS).items():  # DESIGN §5 families and types
-        assert types.get(fam) == kind, f"{fam}: {types.get(fam)} on /metrics, DESIGN says {kind}"
+    for fam, kind in (DESIGN_METRICS | SERVER_EXTRA_METRICS).items():  # docs/architecture.md §5 families and types
+        assert types.get(fam) == kind, f"{fam}: {types.get(fam)} on /metrics, docs/architecture.md says {kind}"
     for expr in queries(dashboard()):
         for name in METRIC_RE.findall(expr):
             assert name in labels or (name.endswith("_total") and types.get(name[:-6]) == "counter"), (

@@ -1,4 +1,4 @@
-"""README.md's deployment section: its commands match the files: paths exist, build arguments are ARGs of the
+"""docs/deployment.md: its commands match the files: paths exist, build arguments are ARGs of the
 Dockerfile, variables are ones the server, compose file or smoke test read, locust flags exist."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ import re
 
 from tests.deploy.conftest import DEPLOY, REPO, SERVE_ENV
 
-_TEXT = (REPO / "README.md").read_text()
-README = _TEXT[_TEXT.index("## Deployment") :].split("\n## ", 1)[0]  # the deployment section alone
+README = (REPO / "docs" / "deployment.md").read_text()
 
 
 def test_paths_exist() -> None:

@@ -1,4 +1,4 @@
-"""One-shot QuEPT calibration (DESIGN §3): master codes, block-wise multi-width reconstruction,
+"""One-shot QuEPT calibration (docs/architecture.md §3): master codes, block-wise multi-width reconstruction,
 MB-ToMe, KL sensitivity and profiles. Entry point: `calibrate_checkpoint` (`quept build --calibrate`)."""
 
 from quept.build.calibration.config import CalibConfig

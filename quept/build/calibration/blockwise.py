@@ -1,4 +1,4 @@
-"""Step 2 of calibration: block-wise reconstruction with a multi-width loss (DESIGN §3.2).
+"""Step 2 of calibration: block-wise reconstruction with a multi-width loss (docs/architecture.md §3.2).
 
 A decoder layer at a time: its seven linears become `FakeQuantLinear`s (codes fixed after the
 master-code search; trainable per-width affines and cascaded prefix-rank adapters), and Adam

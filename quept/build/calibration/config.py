@@ -18,7 +18,7 @@ class CalibConfig:
     run is in benchmarks/results/quality_calibrated.json; most of it matmul flops)."""
 
     calib_file: Path | None = None
-    """text file the calibration samples come from (default ../shared/data/wikitext-2/valid.txt)"""
+    """text file the calibration samples come from (default: the packaged WikiText-2 valid.txt)"""
     samples: int = 16
     """calibration sequences (taken from the start of the file, consecutive, non-overlapping)"""
     seq_len: int = 256

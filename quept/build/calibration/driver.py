@@ -1,4 +1,4 @@
-"""`quept build --calibrate`: the one-shot QuEPT calibration pipeline (DESIGN §3).
+"""`quept build --calibrate`: the one-shot QuEPT calibration pipeline (docs/architecture.md §3).
 
     search master codes + LS affines per linear  (master_codes)
     block by block: train affines + cascaded adapters on a multi-width loss  (blockwise)

@@ -1,4 +1,4 @@
-"""Step 1 of calibration: the nested master-code search (DESIGN §3.1).
+"""Step 1 of calibration: the nested master-code search (docs/architecture.md §3.1).
 
 The 8-bit master code `c` of a weight serves every stored width `b` through its top `b` bits,
 `q_b = c >> (8 - b)`, with a per-width, per-group affine `w ≈ q_b * scale_b + min_b`. Nested

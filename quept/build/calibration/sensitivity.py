@@ -1,4 +1,4 @@
-"""Step 4 of calibration: per-linear, per-width KL sensitivity (DESIGN §3.4).
+"""Step 4 of calibration: per-linear, per-width KL sensitivity (docs/architecture.md §3.4).
 
 `kl[j][i]` = mean over tokens of KL(p_fp ‖ p_q) over the whole vocabulary when only linear `j`
 runs at width `widths[i]` (its dequantized weight plus its adapter prefix) and every other linear

@@ -1,4 +1,4 @@
-"""Step 3 of calibration: MB-ToMe, multi-bit token merging of the next block's inputs (DESIGN §3.3).
+"""Step 3 of calibration: MB-ToMe, multi-bit token merging of the next block's inputs (docs/architecture.md §3.3).
 
 The next block is calibrated on inputs that look like what it will see at run time at several
 widths. Per token, the block's update (output minus input) at the high width is compared with
