@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+DATA = ROOT / "quept" / "data" / "wikitext-2" / "valid.txt"  # the packaged calibration text
 
 
 @dataclass
