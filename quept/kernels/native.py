@@ -40,14 +40,14 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES: tuple[str, ...] = ("elastic_binding.cpp", "elastic_generic.cpp", "elastic_avx2.cpp", "elastic_avx512.cpp",
-                             "fused_ops.cpp", "fused_avx2.cpp", "fused_avx512.cpp")
-HEADERS: tuple[str, ...] = ("elastic_common.h", "fused_ops.h", "avx2_lanes.h")
+# Every file in csrc/ is part of the one extension: adding an ISA path is a new kernels file plus a row
+# in the ISA table (csrc/isa.cpp), nothing here.
+SOURCES: tuple[str, ...] = tuple(sorted(p.name for p in CSRC.glob("*.cpp")))
+HEADERS: tuple[str, ...] = tuple(sorted(p.name for p in CSRC.glob("*.h")))
 # -fopenmp: at::parallel_for is a header template that only runs threads when compiled with OpenMP
 # (the extension then shares torch's own libgomp, already loaded under the same soname).
 CFLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-fno-math-errno", "-fopenmp")
 LDFLAGS: tuple[str, ...] = ("-fopenmp",)
-ISAS: tuple[str, ...] = ("generic", "avx2", "avx512")
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -135,9 +135,7 @@ def _build() -> ModuleType:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++); the native CPU kernels cannot be built")
     build_dir.mkdir(parents=True, exist_ok=True)
-    fresh = True
-    if fresh:
-        log.warning("building the native CPU kernels (once per torch/Python version, about a minute) in %s", build_dir)
+    log.warning("building the native CPU kernels (once per torch/Python version, about a minute) in %s", build_dir)
     start = time.perf_counter()
     from torch.utils import cpp_extension
 
@@ -157,8 +155,7 @@ def _build() -> ModuleType:
             module = _import_path(name, _build_direct(name, build_dir, compiler))
     except subprocess.CalledProcessError as err:
         raise RuntimeError(f"building the native CPU kernels failed: {err.stderr or err}") from err
-    if fresh:
-        log.info("native CPU kernels built in %.1f s", time.perf_counter() - start)
+    log.info("native CPU kernels built in %.1f s", time.perf_counter() - start)
     return module
 
 
@@ -184,8 +181,8 @@ def load_native() -> ModuleType:
             module = _build()
             isa = os.environ.get("QUEPT_NATIVE_ISA")
             if isa:
-                if isa not in ISAS:
-                    raise ValueError(f"QUEPT_NATIVE_ISA={isa!r}; choose one of {list(ISAS)}")
+                if isa not in module.isa_names():
+                    raise ValueError(f"QUEPT_NATIVE_ISA={isa!r}; choose one of {list(module.isa_names())}")
                 module.set_isa(isa)
             refine = os.environ.get("QUEPT_NATIVE_W8_REFINE", "1")
             if refine not in ("0", "1"):
@@ -196,6 +193,11 @@ def load_native() -> ModuleType:
     return _module
 
 
+def isa_names() -> list[str]:
+    """Every ISA path of the native kernels' table, slowest first (whether or not this CPU runs it)."""
+    return list(load_native().isa_names())
+
+
 def available_isas() -> list[str]:
     """ISA paths this CPU can run, slowest first (always includes 'generic')."""
     return list(load_native().available_isas())
@@ -203,9 +205,10 @@ def available_isas() -> list[str]:
 
 def set_isa(name: str) -> None:
     """Select the ISA path for every later call (tests run each path this CPU has)."""
-    if name not in ISAS:
-        raise ValueError(f"unknown ISA {name!r}; choose one of {list(ISAS)}")
-    load_native().set_isa(name)
+    module = load_native()
+    if name not in module.isa_names():
+        raise ValueError(f"unknown ISA {name!r}; choose one of {list(module.isa_names())}")
+    module.set_isa(name)
 
 
 def current_isa() -> str:
@@ -222,7 +225,7 @@ def w8_refine() -> bool:
 
 
 def main() -> None:
-    """`python -m kernels.native`: build (or find) the extension now, e.g. while building an image."""
+    """`python -m quept.kernels.native`: build (or find) the extension now, e.g. while building an image."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = load_native()
     log.info("%s: ISA %s (available: %s)", module.__file__, module.current_isa(), ", ".join(module.available_isas()))

@@ -1,10 +1,11 @@
 // AVX2 + FMA + F16C path of the native elastic linear.
 //
 // This file is compiled without -mavx2: the code below the `#pragma GCC target` line is the only
-// code built for AVX2, and it is only called after a run-time CPU check (elastic_binding.cpp).
+// code built for AVX2, and it is only called after a run-time CPU check (the ISA table, isa.cpp).
 // Every library header is included before the pragma and nothing below it instantiates a library
 // template, so no AVX2 copy of a shared inline function can leak into the rest of the program (our
-// avx2_lanes.h, included after it on purpose, keeps its functions in an anonymous namespace).
+// avx2_lanes.h and elastic_tiles.h, included after it on purpose, keep their functions in an anonymous
+// namespace).
 #include <immintrin.h>
 
 #include <cstdint>
@@ -17,20 +18,12 @@
 #pragma GCC target("avx2,fma,f16c")
 
 #include "avx2_lanes.h"  // after the pragma: its functions are compiled for AVX2 (see the header)
+#include "elastic_tiles.h"  // likewise: the shared tile loop
 
 namespace quept {
 namespace {
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// prefetcht0 by hand: GCC 12 drops _mm_prefetch / __builtin_prefetch inside `#pragma GCC target` code.
-inline void prefetch(const void* p) { __asm__ __volatile__("prefetcht0 (%0)" : : "r"(p)); }
-
-// The adapter columns of a tile are a short strided read the hardware prefetchers miss.
-inline void prefetch_adapter(const LayerView& L, const Segment& seg, int64_t t) {
-    const char* lb = (const char*)(L.lora_b + t * L.rank_max * kTileRows);
-    for (int64_t off = 0; off < seg.rank * kTileRows * 2; off += 64) prefetch(lb + off);
-}
 
 // The 8 code vectors of chunk c at width B, half-tile base `base`: byte r*4+j of vector i is the
 // code of row r, column c*32 + 4i + j.
@@ -213,41 +206,25 @@ void tile_segment_ref(const LayerView& L, const ActView& A, const Segment& seg, 
     }
 }
 
-template <int B>
-void tile_segment(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, uint8_t* qbuf) {
-    if constexpr (B == 8) {
-        if (seg.refine) {
-            tile_segment_ref<B, true>(L, A, seg, t, qbuf);
-            return;
+// The kernel run_tiles (elastic_tiles.h) drives: one segment's rows against tile t.
+struct Avx2Kernel {
+    template <int B>
+    static void segment(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, uint8_t* qbuf) {
+        if constexpr (B == 8) {
+            if (seg.refine) {
+                tile_segment_ref<B, true>(L, A, seg, t, qbuf);
+                return;
+            }
         }
+        tile_segment_ref<B, false>(L, A, seg, t, qbuf);
     }
-    tile_segment_ref<B, false>(L, A, seg, t, qbuf);
-}
+};
 
 }  // namespace
 
 void tiles_avx2(const LayerView& L, const ActView& A, const Segment* segs, int n_segs, int64_t t0, int64_t t1,
                 uint8_t* scratch) {
-    constexpr int64_t kAhead = 2;
-    for (int s = 0; s < n_segs; ++s) {
-        for (int64_t t = t0; t < t0 + kAhead && t < t1; ++t) prefetch_adapter(L, segs[s], t);
-    }
-    for (int64_t t = t0; t < t1; ++t) {
-        for (int s = 0; s < n_segs; ++s) {
-            const Segment& seg = segs[s];
-            if (t + kAhead < t1) prefetch_adapter(L, seg, t + kAhead);
-            switch (seg.bits) {
-                case 1: tile_segment<1>(L, A, seg, t, scratch); break;
-                case 2: tile_segment<2>(L, A, seg, t, scratch); break;
-                case 3: tile_segment<3>(L, A, seg, t, scratch); break;
-                case 4: tile_segment<4>(L, A, seg, t, scratch); break;
-                case 5: tile_segment<5>(L, A, seg, t, scratch); break;
-                case 6: tile_segment<6>(L, A, seg, t, scratch); break;
-                case 7: tile_segment<7>(L, A, seg, t, scratch); break;
-                default: tile_segment<8>(L, A, seg, t, scratch); break;
-            }
-        }
-    }
+    run_tiles<Avx2Kernel>(L, A, segs, n_segs, t0, t1, scratch);
 }
 
 void rows_avx2(const float* x, int64_t m0, int64_t m1, const LayerView& L, const int32_t* row_rank, int8_t* xq,

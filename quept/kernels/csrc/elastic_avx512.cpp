@@ -13,13 +13,12 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")
 
+#include "elastic_tiles.h"  // after the pragma: the shared tile loop, compiled for AVX-512
+
 namespace quept {
 namespace {
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// prefetcht0 by hand: GCC 12 drops _mm_prefetch / __builtin_prefetch inside `#pragma GCC target` code.
-inline void prefetch(const void* p) { __asm__ __volatile__("prefetcht0 (%0)" : : "r"(p)); }
 
 // acc += q (u8) . broadcast(*x4) (s8) with the broadcast embedded in the instruction ({1to16}): GCC
 // emits a separate vpbroadcastd for _mm512_set1_epi32(load), one more vector uop per dot product.
@@ -173,54 +172,30 @@ void dot_rows(const LayerView& L, const ActView& A, const Segment& seg, int64_t 
     dot_rows_ref<B, FUSED, false>(L, A, seg, t, qbuf);
 }
 
-template <int B>
-void tile_segment(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, uint8_t* qbuf) {
-    if (seg.n_rows <= 4) {  // decode: rebuild the codes in registers, once per chunk
-        dot_rows<B, true>(L, A, seg, t, qbuf);
-        return;
-    }
-    const uint8_t* base = L.planes + t * L.n_chunks * kBlockBytes;
-    for (int64_t c = 0; c < L.n_chunks; ++c) {
-        __m512i q[8];
-        unpack_chunk<B>(base, L.plane_stride, c, q);
+// The kernel run_tiles (elastic_tiles.h) drives: one segment's rows against tile t.
+struct Avx512Kernel {
+    template <int B>
+    static void segment(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, uint8_t* qbuf) {
+        if (seg.n_rows <= 4) {  // decode: rebuild the codes in registers, once per chunk
+            dot_rows<B, true>(L, A, seg, t, qbuf);
+            return;
+        }
+        const uint8_t* base = L.planes + t * L.n_chunks * kBlockBytes;
+        for (int64_t c = 0; c < L.n_chunks; ++c) {
+            __m512i q[8];
+            unpack_chunk<B>(base, L.plane_stride, c, q);
 #pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) _mm512_store_si512((void*)(qbuf + (c * 8 + i) * 64), q[i]);
+            for (int i = 0; i < 8; ++i) _mm512_store_si512((void*)(qbuf + (c * 8 + i) * 64), q[i]);
+        }
+        dot_rows<B, false>(L, A, seg, t, qbuf);
     }
-    dot_rows<B, false>(L, A, seg, t, qbuf);
-}
-
-// The adapter columns of a tile (the first `rank` of R rows of 16 halves) are a short strided
-// read the hardware prefetchers miss; without this every tile waits on them (measured +25%).
-// The planes, scales and mins are long sequential streams: prefetching those by hand was slower.
-inline void prefetch_adapter(const LayerView& L, const Segment& seg, int64_t t) {
-    const char* lb = (const char*)(L.lora_b + t * L.rank_max * kTileRows);
-    for (int64_t off = 0; off < seg.rank * kTileRows * 2; off += 64) prefetch(lb + off);
-}
+};
 
 }  // namespace
 
 void tiles_avx512(const LayerView& L, const ActView& A, const Segment* segs, int n_segs, int64_t t0, int64_t t1,
                   uint8_t* scratch) {
-    constexpr int64_t kAhead = 2;
-    for (int s = 0; s < n_segs; ++s) {
-        for (int64_t t = t0; t < t0 + kAhead && t < t1; ++t) prefetch_adapter(L, segs[s], t);
-    }
-    for (int64_t t = t0; t < t1; ++t) {
-        for (int s = 0; s < n_segs; ++s) {
-            const Segment& seg = segs[s];
-            if (t + kAhead < t1) prefetch_adapter(L, seg, t + kAhead);
-            switch (seg.bits) {
-                case 1: tile_segment<1>(L, A, seg, t, scratch); break;
-                case 2: tile_segment<2>(L, A, seg, t, scratch); break;
-                case 3: tile_segment<3>(L, A, seg, t, scratch); break;
-                case 4: tile_segment<4>(L, A, seg, t, scratch); break;
-                case 5: tile_segment<5>(L, A, seg, t, scratch); break;
-                case 6: tile_segment<6>(L, A, seg, t, scratch); break;
-                case 7: tile_segment<7>(L, A, seg, t, scratch); break;
-                default: tile_segment<8>(L, A, seg, t, scratch); break;
-            }
-        }
-    }
+    run_tiles<Avx512Kernel>(L, A, segs, n_segs, t0, t1, scratch);
 }
 
 }  // namespace quept

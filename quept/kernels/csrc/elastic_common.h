@@ -2,7 +2,7 @@
 // include this are compiled with per-function target options and must not instantiate library
 // templates; see elastic_avx2.cpp).
 //
-// Packed layout (built once at load by pack_planes in elastic_binding.cpp):
+// Packed layout (built once at load by pack_planes in elastic_pack.cpp):
 //   tile     16 consecutive output rows n (N is padded up to a multiple of 16 with zeros)
 //   chunk    32 consecutive input columns k (K must be a multiple of 32)
 //   planes   uint8 [8][n_tiles][n_chunks][64]; plane p holds bit (7 - p) of every master code,

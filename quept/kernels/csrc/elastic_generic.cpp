@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "elastic_common.h"
+#include "elastic_tiles.h"
 
 namespace quept {
 
@@ -92,53 +93,62 @@ static void unpack_tile(const LayerView& L, int bits, int64_t t, uint8_t* qbuf) 
     }
 }
 
-void tiles_generic(const LayerView& L, const ActView& A, const Segment* segs, int n_segs, int64_t t0, int64_t t1,
-                   uint8_t* scratch) {
+namespace {
+
+// One segment's rows against tile t: unpack the tile's codes once, then plain integer dot products.
+void tile_segment(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, uint8_t* scratch) {
     const int64_t K = L.k;
     const int64_t cpg = L.group_size / kChunk;
-    for (int64_t t = t0; t < t1; ++t) {
-        for (int s = 0; s < n_segs; ++s) {
-            const Segment& seg = segs[s];
-            unpack_tile(L, seg.bits, t, scratch);
-            const int32_t centre = 1 << (seg.bits - 1);  // codes enter centred (see elastic_avx512.cpp)
-            const uint16_t* sc = L.scales + seg.widx * L.width_stride + t * L.n_groups * kTileRows;
-            const uint16_t* mn = L.mins + seg.widx * L.width_stride + t * L.n_groups * kTileRows;
-            const uint16_t* lb = L.lora_b + t * L.rank_max * kTileRows;
-            for (int64_t mi = 0; mi < seg.n_rows; ++mi) {
-                const int64_t m = seg.rows[mi];
-                const int8_t* xq = A.xq + m * K;
-                const int8_t* xq2 = seg.refine ? A.xq2 + m * K : nullptr;
-                for (int r = 0; r < kTileRows; ++r) {
-                    const int64_t n = t * kTileRows + r;
-                    if (n >= L.n) break;
-                    const uint8_t* q = scratch + r * K;
-                    float acc = 0.f;
-                    for (int64_t g = 0; g < L.n_groups; ++g) {
-                        float gs = 0.f;
-                        for (int64_t cc = 0; cc < cpg; ++cc) {
-                            const int64_t c = g * cpg + cc;
-                            int32_t isum = 0;
-                            for (int j = 0; j < kChunk; ++j) isum += ((int32_t)q[c * kChunk + j] - centre) * xq[c * kChunk + j];
-                            gs += (float)isum * A.dx[m * L.n_chunks + c];
-                            if (xq2) {
-                                int32_t isum2 = 0;
-                                for (int j = 0; j < kChunk; ++j) isum2 += ((int32_t)q[c * kChunk + j] - centre) * xq2[c * kChunk + j];
-                                gs += (float)isum2 * A.dx2[m * L.n_chunks + c];
-                            }
-                        }
-                        const float scale = half_to_float(sc[g * kTileRows + r]);
-                        const float min = half_to_float(mn[g * kTileRows + r]) + (float)centre * scale;
-                        acc += scale * gs + min * A.xsum[m * L.n_groups + g];
+    unpack_tile(L, seg.bits, t, scratch);
+    const int32_t centre = 1 << (seg.bits - 1);  // codes enter centred (see elastic_avx512.cpp)
+    const uint16_t* sc = L.scales + seg.widx * L.width_stride + t * L.n_groups * kTileRows;
+    const uint16_t* mn = L.mins + seg.widx * L.width_stride + t * L.n_groups * kTileRows;
+    const uint16_t* lb = L.lora_b + t * L.rank_max * kTileRows;
+    for (int64_t mi = 0; mi < seg.n_rows; ++mi) {
+        const int64_t m = seg.rows[mi];
+        const int8_t* xq = A.xq + m * K;
+        const int8_t* xq2 = seg.refine ? A.xq2 + m * K : nullptr;
+        for (int r = 0; r < kTileRows; ++r) {
+            const int64_t n = t * kTileRows + r;
+            if (n >= L.n) break;
+            const uint8_t* q = scratch + r * K;
+            float acc = 0.f;
+            for (int64_t g = 0; g < L.n_groups; ++g) {
+                float gs = 0.f;
+                for (int64_t cc = 0; cc < cpg; ++cc) {
+                    const int64_t c = g * cpg + cc;
+                    int32_t isum = 0;
+                    for (int j = 0; j < kChunk; ++j) isum += ((int32_t)q[c * kChunk + j] - centre) * xq[c * kChunk + j];
+                    gs += (float)isum * A.dx[m * L.n_chunks + c];
+                    if (xq2) {
+                        int32_t isum2 = 0;
+                        for (int j = 0; j < kChunk; ++j) isum2 += ((int32_t)q[c * kChunk + j] - centre) * xq2[c * kChunk + j];
+                        gs += (float)isum2 * A.dx2[m * L.n_chunks + c];
                     }
-                    for (int j = 0; j < seg.rank; ++j) {
-                        acc += half_to_float(lb[j * kTileRows + r]) * A.u[m * L.rank_max + j];
-                    }
-                    if (L.bias) acc += L.bias[n];
-                    A.out[m * L.n + n] = acc;
                 }
+                const float scale = half_to_float(sc[g * kTileRows + r]);
+                const float min = half_to_float(mn[g * kTileRows + r]) + (float)centre * scale;
+                acc += scale * gs + min * A.xsum[m * L.n_groups + g];
             }
+            for (int j = 0; j < seg.rank; ++j) acc += half_to_float(lb[j * kTileRows + r]) * A.u[m * L.rank_max + j];
+            if (L.bias) acc += L.bias[n];
+            A.out[m * L.n + n] = acc;
         }
     }
+}
+
+struct GenericKernel {
+    template <int B>
+    static void segment(const LayerView& L, const ActView& A, const Segment& seg, int64_t t, uint8_t* scratch) {
+        tile_segment(L, A, seg, t, scratch);  // the width is read at run time from seg.bits
+    }
+};
+
+}  // namespace
+
+void tiles_generic(const LayerView& L, const ActView& A, const Segment* segs, int n_segs, int64_t t0, int64_t t1,
+                   uint8_t* scratch) {
+    run_tiles<GenericKernel>(L, A, segs, n_segs, t0, t1, scratch);
 }
 
 }  // namespace quept

@@ -159,6 +159,10 @@ void silu_mul_avx512(const float* g, const float* u, float* out, int64_t n) {
 }
 
 void attend_avx512(const AttnTask& t) {
+    if (t.Dh % 16) {
+        attend_avx2(t);
+        return;
+    }
     if (t.half) {
         attend_dh<uint16_t>(t);
     } else {

@@ -1,7 +1,7 @@
 // Fused elementwise ops of a decoder layer for the native CPU path. At decode (one or a few rows)
 // each torch op costs a few microseconds of dispatch for a few hundred flops; these replace the
 // dozen small ops around every pair of linears (residual add + RMSNorm, rotary embedding of q and k,
-// SiLU(gate) * up) with one call each. Plain fp32 loops, same formulas as quept_runtime/model.py.
+// SiLU(gate) * up) with one call each. Plain fp32 loops, same formulas as quept/model/layer_ops.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "fused_ops.h"
+#include "fused_ops_torch.h"
+#include "isa.h"
 
 namespace quept {
 
@@ -77,23 +79,13 @@ void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin) {
     }
 }
 
-void silu_mul_generic(const float* g, const float* u, float* out, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-}
-
 // silu(g) * u: g, u [T, F] -> [T, F].
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
     TORCH_CHECK(g.sizes() == u.sizes() && g.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat,
                 "gate and up must be fp32 tensors of one shape");
     auto gc = g.contiguous(), uc = u.contiguous();
     auto out = at::empty_like(gc);
-#if defined(__x86_64__) && defined(__GNUC__)
-    const int isa = isa_level();
-    const auto fn = isa >= 2 ? silu_mul_avx512 : isa == 1 ? silu_mul_avx2 : silu_mul_generic;
-#else
-    const auto fn = silu_mul_generic;
-#endif
-    fn(gc.data_ptr<float>(), uc.data_ptr<float>(), out.data_ptr<float>(), gc.numel());
+    active_isa().silu_mul(gc.data_ptr<float>(), uc.data_ptr<float>(), out.data_ptr<float>(), gc.numel());
     return out;
 }
 
@@ -147,54 +139,8 @@ void write_kv(at::Tensor k_flat, at::Tensor v_flat, const at::Tensor& slots, con
 // one row over its whole context; the rows of a prefill chunk share a start and end one slot apart
 // (causal). Query head h reads KV head h / (Hq / Hkv) (grouped-query attention, as Hugging Face's
 // repeat_kv). Returns [R, Hq, Dh]. Work is split over (row, KV head) pairs on torch's intra-op
-// threads; the G query heads of a KV head share each key read (fused_ops.h; SIMD paths in fused_avx2.cpp
-// and fused_avx512.cpp).
-namespace {
-
-inline float load1(const float* p) { return *p; }
-inline float load1(const uint16_t* p) { return static_cast<float>(c10::Half(*p, c10::Half::from_bits())); }
-
-template <typename KV>
-void attend_portable(const AttnTask& t) {
-    const int64_t L = t.L, Dh = t.Dh;
-    const KV* k = static_cast<const KV*>(t.k);
-    const KV* v = static_cast<const KV*>(t.v);
-    for (int64_t g = 0; g < t.G; ++g) {
-        const float* qh = t.q + g * Dh;
-        float* p = t.scores + g * L;
-        float mx = -INFINITY;
-        for (int64_t l = 0; l < L; ++l) {
-            const KV* kr = k + t.slots[l] * t.row_stride;
-            float s = 0.f;
-            for (int64_t d = 0; d < Dh; ++d) s += qh[d] * load1(kr + d);
-            p[l] = s * t.scale;
-            mx = p[l] > mx ? p[l] : mx;
-        }
-        float sum = 0.f;
-        for (int64_t l = 0; l < L; ++l) {
-            p[l] = std::exp(p[l] - mx);
-            sum += p[l];
-        }
-        float* oh = t.out + g * Dh;
-        for (int64_t d = 0; d < Dh; ++d) oh[d] = 0.f;
-        for (int64_t l = 0; l < L; ++l) {
-            const float w = p[l] / sum;
-            const KV* vr = v + t.slots[l] * t.row_stride;
-            for (int64_t d = 0; d < Dh; ++d) oh[d] += w * load1(vr + d);
-        }
-    }
-}
-
-}  // namespace
-
-void attend_generic(const AttnTask& t) {
-    if (t.half) {
-        attend_portable<uint16_t>(t);
-    } else {
-        attend_portable<float>(t);
-    }
-}
-
+// threads; the G query heads of a KV head share each key read (fused_ops.h; the kernels of each ISA
+// in fused_generic.cpp, fused_avx2.cpp and fused_avx512.cpp).
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_flat, const at::Tensor& v_flat,
                            const at::Tensor& slots, const at::Tensor& starts, const at::Tensor& ends, double scale) {
     TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
@@ -232,12 +178,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_flat, const 
     const char* kp = static_cast<const char*>(k_flat.data_ptr());
     const char* vp = static_cast<const char*>(v_flat.data_ptr());
     float* op = out.data_ptr<float>();
-#if defined(__x86_64__) && defined(__GNUC__)
-    const int isa = isa_level();
-    const auto attend = isa >= 2 && Dh % 16 == 0 ? attend_avx512 : isa >= 1 ? attend_avx2 : attend_generic;
-#else
-    const auto attend = attend_generic;
-#endif
+    const AttendFn attend = active_isa().attend;
     const int64_t work_per_task = max_len * G * Dh * 2;
     at::parallel_for(0, B * Hkv, std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_task, 1)),
                      [&](int64_t i0, int64_t i1) {

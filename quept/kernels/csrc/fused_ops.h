@@ -36,13 +36,10 @@ void attend_generic(const AttnTask& t);
 // out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i], i < n
 void silu_mul_generic(const float* g, const float* u, float* out, int64_t n);
 #if defined(__x86_64__) && defined(__GNUC__)
-void attend_avx512(const AttnTask& t);  // needs Dh % 16 == 0
+void attend_avx512(const AttnTask& t);  // Dh % 16 == 0, else the AVX2 path
 void silu_mul_avx512(const float* g, const float* u, float* out, int64_t n);
 void attend_avx2(const AttnTask& t);  // Dh % 8 == 0 and Dh <= 256, else the generic path
 void silu_mul_avx2(const float* g, const float* u, float* out, int64_t n);
 #endif
-
-// The ISA path the native kernels run now (0 generic, 1 AVX2, 2 AVX-512; elastic_binding.cpp).
-int isa_level();
 
 }  // namespace quept
