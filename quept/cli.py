@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import shlex
@@ -73,7 +74,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
     e = sub.add_parser("eval", help="perplexity table on wikitext-2 test.txt")
-    e.add_argument("--checkpoint", required=True, type=Path)
+    e.add_argument("--checkpoint", type=Path,
+                   help="checkpoint directory (default: the default model, built on first use as `quept serve` does)")
     e.add_argument("--precision", default="w8,w6,w5,w4,w3,w2", help="comma list of w8..w2 or mixed:X")
     e.add_argument("--windows", type=int, default=8, help="windows scored from the start of the file")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window")
@@ -143,12 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quept.engine.sampler import SamplingParams
     from quept.model.loader import load_model
 
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        from quept.build.builder import ensure_default_checkpoint
-        from quept.model.loader import default_cache_dir
-
-        checkpoint = ensure_default_checkpoint(default_cache_dir())
+    checkpoint = _checkpoint_or_default(args.checkpoint)
     lm = load_model(checkpoint, backend=args.backend)
     plan = lm.plan_for(args.precision)
     if lm.tokenizer is None:
@@ -165,6 +162,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_or_default(checkpoint: Path | None) -> Path:
+    """The checkpoint given, else the default model (built into the cache on first use)."""
+    if checkpoint is not None:
+        return checkpoint
+    from quept.build.builder import ensure_default_checkpoint
+    from quept.model.loader import default_cache_dir
+
+    return ensure_default_checkpoint(default_cache_dir())
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from quept.build.baselines import independent_rtn_model
     from quept.data import eval_file
@@ -173,14 +180,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from quept.model.model import dense_model
     from quept.precision.plan import PrecisionPlan
 
-    lm = load_model(args.checkpoint, backend=args.backend)
+    checkpoint = _checkpoint_or_default(args.checkpoint)
+    lm = load_model(checkpoint, backend=args.backend)
     specs = [s.strip() for s in args.precision.split(",") if s.strip()]
     plans = [lm.plan_for(s) for s in specs]  # validate every spec before the slow work
     path = args.file or eval_file()
     windows = token_windows(lm.tokenizer, path, args.windows, args.seq_len)
     protocol = {"file": str(path), "windows": args.windows, "seq_len": args.seq_len,
                 "tokens_scored": args.windows * (args.seq_len - 1), "group_size": lm.ckpt.group_size,
-                "checkpoint": str(args.checkpoint), "source": lm.ckpt.meta.get("source")}
+                "checkpoint": str(checkpoint), "source": lm.ckpt.meta.get("source")}
     jobs: list[tuple[str, str, float, Callable[[], Any]]] = []
     dense = PrecisionPlan.uniform(8)  # dense models read no widths
     source = None
@@ -221,7 +229,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)
     except ValidationError as err:
         for e in err.errors():
-            print(f"error: {'.'.join(str(x) for x in e['loc'])}: {e['msg']}", file=sys.stderr)
+            where = ".".join(str(x) for x in e["loc"])
+            print(f"error: {where + ': ' if where else ''}{e['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
+    from quept.model.checkpoint import META_FILE
+
+    if settings.checkpoint is not None and not (Path(settings.checkpoint) / META_FILE).is_file():
+        print(f"error: --checkpoint {settings.checkpoint}: not a checkpoint directory (no {META_FILE})", file=sys.stderr)
         return 2
     return serve(settings, verbose=args.verbose)
 
@@ -240,14 +254,32 @@ def run(args: argparse.Namespace) -> int:
     except (QueptError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a read-only or vanished directory: what and where, in one line
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
+def unknown_flag_hint(flag: str, options: list[str]) -> str:
+    """`; did you mean --default-precision?` for a flag close to or inside a known one, else ''."""
+    name = flag.split("=", 1)[0]
+    close = [o for o in options if name.lstrip("-") and name.lstrip("-") in o.lstrip("-")]
+    close = close or difflib.get_close_matches(name, options, n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(close[:2])}?" if close else ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser, _ = build_parser()
-    return run(parser.parse_args(argv))
+    parser, sub = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = sub.choices[args.command]
+        options = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        command.error(f"unrecognized argument {flag}{unknown_flag_hint(flag, options)}")
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -151,3 +151,62 @@ def test_generate_without_checkpoint_builds_the_default_model_once(tmp_path: Pat
         code, out, err = run(capsys, "generate", "--backend", "torch", "--max-tokens", "3", "hello")
         assert code == 0 and "[w8: 3 tokens" in err, err
     assert builds == [1] and (tmp_path / "cache" / "checkpoints" / "default" / "elastic.json").is_file()
+
+
+def test_full_disk_during_build_is_one_line_and_exit_2(tmp_path: Path, capsys, monkeypatch) -> None:
+    import errno
+
+    import safetensors.torch
+
+    from quept.build import source as source_mod
+    from tests.tiny import tiny_source
+
+    monkeypatch.setattr(source_mod, "load_source", lambda path: tiny_source())
+
+    def full(tensors, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    code, _, err = run(capsys, "build", "--out", str(tmp_path / "o"), "--group-size", "32")
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: No space left on device") and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # the stage went with the failure
+
+
+@pytest.mark.parametrize(("argv", "hint"), [
+    (["serve", "--precision", "w4"], "did you mean --default-precision?"),
+    (["serve", "--max-batch-size", "4"], "did you mean --max-batch"),
+    (["eval", "--windos", "2"], "did you mean --windows"),
+])
+def test_unknown_flag_gets_a_hint(capsys, argv, hint) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert hint in capsys.readouterr().err
+
+
+def test_serve_refuses_a_directory_that_is_no_checkpoint(tmp_path: Path, capsys) -> None:
+    for path in (tmp_path / "nonexistent", tmp_path):
+        code, _, err = run(capsys, "serve", "--checkpoint", str(path))
+        assert code == 2 and "not a checkpoint directory" in err, err
+
+
+def test_serve_reports_a_bad_key_file_in_one_line(tmp_path: Path, capsys) -> None:
+    code, _, err = run(capsys, "serve", "--api-key-file", str(tmp_path / "missing"))
+    assert code == 2 and err.strip() == err.strip().splitlines()[0], err
+    assert err.startswith("error: cannot read api_key_file") and "No such file" in err, err
+
+
+def test_eval_without_checkpoint_scores_the_default_model(tmp_path: Path, capsys, monkeypatch) -> None:
+    from quept.build import builder as builder_mod
+    from quept.build import source as source_mod
+    from tests.tiny import tiny_source
+
+    src = tiny_source()
+    monkeypatch.setenv("QUEPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(source_mod, "load_source", lambda path: src)
+    monkeypatch.setattr(builder_mod, "default_checkpoint_dir", lambda cache, calibrated=False: Path(cache) / "checkpoints" / "default")
+    code, out, err = run(capsys, "eval", "--windows", "1", "--seq-len", "32", "--precision", "w8,w4", "--baselines", "none")
+    assert code == 0, err
+    assert "w8" in out and "w4" in out and "test.txt" in out

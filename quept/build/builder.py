@@ -101,10 +101,13 @@ def default_checkpoint_dir(cache_dir: str | Path, calibrated: bool = False) -> P
     return Path(cache_dir) / "checkpoints" / default_checkpoint_name(choice.group_size, calibrated=calibrated)
 
 
-def ensure_default_checkpoint(cache_dir: str | Path, calibrate: bool = False) -> Path:
+def ensure_default_checkpoint(cache_dir: str | Path, calibrate: bool = False, in_child: bool = False) -> Path:
     """The default model's checkpoint in `cache_dir`, built on first use (a file lock makes concurrent
     first uses, e.g. two servers, build it once). `calibrate`: the QuEPT-calibrated one (default
-    `CalibConfig`, minutes on a few cores; needs the calibration text), kept under its own name."""
+    `CalibConfig`, minutes on a few cores; needs the calibration text), kept under its own name.
+    `in_child`: build in a child process, so that the memory the build touched (the source's weights,
+    allocator arenas: about 1 GB for the default model) goes back to the OS when it ends; a
+    long-lived caller (the server) wants this."""
     import fcntl
 
     from quept.build.source import load_source
@@ -112,6 +115,12 @@ def ensure_default_checkpoint(cache_dir: str | Path, calibrate: bool = False) ->
     path = default_checkpoint_dir(cache_dir, calibrated=calibrate)
     if (path / "elastic.json").is_file():
         return path
+    if in_child:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            return child.submit(_build_default_logged, str(cache_dir), calibrate).result()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same checkpoint: wait for it
@@ -124,6 +133,12 @@ def ensure_default_checkpoint(cache_dir: str | Path, calibrate: bool = False) ->
             else:
                 build_checkpoint(load_source(None), path, progress=True)
     return path
+
+
+def _build_default_logged(cache_dir: str, calibrate: bool) -> Path:
+    """The child process's work for `ensure_default_checkpoint(in_child=True)`, its progress logged."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return ensure_default_checkpoint(cache_dir, calibrate)
 
 
 def parse_ranks(text: str, widths: Sequence[int]) -> dict[int, int]:

@@ -36,7 +36,12 @@ class EngineStoppedError(RuntimeError):
 
 
 class EngineFailedError(RuntimeError):
-    """The engine thread failed while running this request."""
+    """The request ended in error: the engine failed it (code `engine_failed`), or the server cut it
+    short (`drain_timeout`)."""
+
+    def __init__(self, message: str, code: str = "engine_failed") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class RequestStream:
@@ -60,7 +65,7 @@ class RequestStream:
                 if out.finished:
                     self.finished = True
                 if out.error is not None:
-                    raise EngineFailedError(out.error)
+                    raise EngineFailedError(out.error, out.error_code)
                 yield out
         finally:
             self.abort()
@@ -110,6 +115,19 @@ class AsyncEngine:
         while self._unfinished and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return self._unfinished == 0
+
+    def cut_all(self, message: str) -> int:
+        """End every unfinished request now with an error (`drain_timeout`), on the event loop: the
+        streams see it at once, however busy the engine thread is; their sequences are aborted."""
+        cut = list(self._streams.values())
+        for stream in cut:
+            out = RequestOutput(stream.request_id, [], "", stream.num_prompt_tokens, 0, stream.precision, finished=True,
+                                finish_reason=FinishReason.ABORT, error=message, error_code="drain_timeout")
+            stream.queue.put_nowait(out)
+            self.abort(stream.request_id)
+        self._streams.clear()
+        self._unfinished = 0
+        return len(cut)
 
     async def shutdown(self) -> None:
         """Abort what is left and stop the engine thread."""

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from quept.engine.block_manager import BlockManager
-from quept.engine.sampler import sample
+from quept.engine.sampler import GREEDY_BELOW, sample
 from quept.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from quept.engine.sequence import FinishReason, GenerationRequest, RequestOutput, Sequence
 from quept.errors import ContextLengthError
@@ -278,7 +278,7 @@ class LLMEngine:
         tokens = logits.argmax(-1).tolist()  # greedy for every row; replaced below where sampling
         for i, seq in enumerate(sampling):
             params = seq.request.sampling
-            if params.temperature > 0:
+            if params.temperature >= GREEDY_BELOW:
                 tokens[i] = sample(logits[i], params, seq.generator)
         ctl = self.controller
         if ctl is not None and ctl.needs_logits:

@@ -6,10 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): logits / 1e-164 overflow to inf and
+# the softmax to NaN, and a distribution that sharp is argmax anyway.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # below GREEDY_BELOW (0 included) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
     seed: int | None = None
@@ -32,7 +36,7 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One token id from logits [V]."""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits.float() / params.temperature
     if params.top_k > 0:

@@ -76,7 +76,8 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop id or stop string that ended it (None for EOS)
-    error: str | None = None  # set when the engine failed this request
+    error: str | None = None  # set when the engine failed this request, or the server cut it
+    error_code: str = "engine_failed"  # with `error`: engine_failed, or drain_timeout when a drain cut it
 
 
 class Sequence:

@@ -78,12 +78,36 @@ def elastic_tensors(name: str, w: ElasticWeights) -> dict[str, torch.Tensor]:
     }
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale_stages(out: Path) -> list[Path]:
+    """Remove the staging directories of writes into `out` whose process is gone (a SIGKILL, a power
+    cut: no `finally` ran). Their names carry the writer's pid: `.NAME.TAG-PID-RANDOM`."""
+    removed = []
+    for stage in out.parent.glob(f".{out.name}.*-*-*"):
+        pid = stage.name[len(out.name) + 2:].split("-")[1]
+        if stage.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage)
+    return removed
+
+
 @contextmanager
 def staged_dir(out: Path, tag: str = "tmp") -> Iterator[Path]:
     """A fresh directory beside `out` to write into: when the block ends normally it replaces `out` in
-    one rename; when it raises (Ctrl-C included) it is removed, and `out` is untouched."""
+    one rename; when it raises (Ctrl-C included) it is removed, and `out` is untouched. Stages left by
+    killed writers are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    sweep_stale_stages(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-{os.getpid()}-", dir=out.parent))
     try:
         yield stage
         if out.exists():

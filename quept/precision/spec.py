@@ -37,23 +37,31 @@ class PrecisionSpec:
         return ";".join(["auto", *bounds])
 
 
+MAX_SHOWN = 40  # characters of a bad spec quoted back in an error (a client may send kilobytes)
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]!r}... ({len(text)} characters)"
+
+
 def parse_spec(text: str, widths: Sequence[int]) -> PrecisionSpec:
     """Parse and validate a spec against the stored widths; errors name the bad value and the allowed ones."""
     if not isinstance(text, str):
         raise PrecisionError(f"precision must be a string, got {type(text).__name__}")
+    shown = _shown(text)
     spec = text.strip().lower()
     allowed = ", ".join(f"w{b}" for b in widths)
     m = _UNIFORM.match(spec)
     if m:
         bits = int(m.group(1))
         if bits not in widths:
-            raise PrecisionError(f"precision {text!r}: width {bits} is not stored; stored widths are {allowed}")
+            raise PrecisionError(f"precision {shown}: width {bits} is not stored; stored widths are {allowed}")
         return PrecisionSpec("uniform", bits=bits)
     m = _MIXED.match(spec)
     if m:
         target = float(m.group(1))
         if not min(widths) <= target <= max(widths):
-            raise PrecisionError(f"precision {text!r}: mixed target must be between {min(widths)} and {max(widths)} bits")
+            raise PrecisionError(f"precision {shown}: mixed target must be between {min(widths)} and {max(widths)} bits")
         return PrecisionSpec("mixed", target=target)
     parts = spec.split(";")
     if parts[0] == "auto":
@@ -62,13 +70,13 @@ def parse_spec(text: str, widths: Sequence[int]) -> PrecisionSpec:
             key, _, value = part.partition("=")
             mw = _UNIFORM.match(value.strip())
             if key.strip() not in ("min", "max") or not mw:
-                raise PrecisionError(f"precision {text!r}: bad auto bound {part!r}; expected min=wB or max=wB")
+                raise PrecisionError(f"precision {shown}: bad auto bound {_shown(part)}; expected min=wB or max=wB")
             bits = int(mw.group(1))
             if bits not in widths:
-                raise PrecisionError(f"precision {text!r}: width {bits} is not stored; stored widths are {allowed}")
+                raise PrecisionError(f"precision {shown}: width {bits} is not stored; stored widths are {allowed}")
             bounds[key.strip()] = bits
         lo, hi = bounds.get("min"), bounds.get("max")
         if lo is not None and hi is not None and lo > hi:
-            raise PrecisionError(f"precision {text!r}: min=w{lo} is above max=w{hi}")
+            raise PrecisionError(f"precision {shown}: min=w{lo} is above max=w{hi}")
         return PrecisionSpec("auto", min_bits=lo, max_bits=hi)
-    raise PrecisionError(f"malformed precision {text!r}; expected one of {allowed}, mixed:X (e.g. mixed:3.5) or auto[;min=wA;max=wB]")
+    raise PrecisionError(f"malformed precision {shown}; expected one of {allowed}, mixed:X (e.g. mixed:3.5) or auto[;min=wA;max=wB]")

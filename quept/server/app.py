@@ -15,6 +15,7 @@ The response header `X-Precision` (and the body field `precision`) says what ran
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -67,15 +68,28 @@ class AbortingStreamingResponse(StreamingResponse):
             self._on_close()
 
 
+DOC_PATHS = ("/openapi.json", "/docs", "/redoc")
+
+
+def key_matches(expected: str, authorization: str | None, x_api_key: str | None) -> bool:
+    """`Authorization: Bearer <key>` or `X-API-Key: <key>`, compared in constant time. Header values
+    arrive decoded as latin-1 (ASGI), so their bytes are compared with the key's UTF-8 bytes."""
+    auth = authorization or ""
+    token = auth[7:].strip() if auth.lower().startswith("bearer ") else (x_api_key or "")
+    return hmac.compare_digest(token.encode("latin-1", "replace"), expected.encode("utf-8", "replace"))
+
+
+def check_key(state: ServerState, authorization: str | None, x_api_key: str | None) -> None:
+    """401 unless the server has no key or the request carries it."""
+    key = state.settings.api_key
+    if key and not key_matches(key, authorization, x_api_key):
+        raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                       "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+
 def gate_error(state: ServerState, authorization: str | None, x_api_key: str | None) -> None:
     """API key first (401), then the life cycle (503 while loading, draining or failed)."""
-    key = state.settings.api_key
-    if key:
-        auth = authorization or ""
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else x_api_key
-        if token != key:
-            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                           "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+    check_key(state, authorization, x_api_key)
     if state.status is Status.LOADING:
         raise APIError(503, "the model is loading; retry shortly", "service_unavailable", None, "model_loading",
                        {"Retry-After": "5"})
@@ -87,21 +101,71 @@ def gate_error(state: ServerState, authorization: str | None, x_api_key: str | N
 
 
 class GateMiddleware:
-    """Pure ASGI middleware: every /v1 request passes `gate_error` before its body is even parsed."""
+    """Pure ASGI middleware in front of every route. For `/v1/*`: the API key and the life cycle
+    (`gate_error`), then the body, read here at most `max_request_bytes` (413 past that, before the
+    rest arrives) and handed on as JSON whatever its Content-Type says (as llama.cpp's server reads it).
+    The schema pages need the key too when one is set."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app = app
         self.state = state
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            try:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            if path.startswith("/v1/"):
                 gate_error(self.state, headers.get("authorization"), headers.get("x-api-key"))
-            except APIError as err:
-                await err.response()(scope, receive, send)
-                return
+            elif path in DOC_PATHS:
+                check_key(self.state, headers.get("authorization"), headers.get("x-api-key"))
+            if path.startswith("/v1/") and scope["method"] == "POST":
+                body = await self._read_body(headers, receive)
+                if body is None:
+                    return  # the client went away while sending
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                         + [(b"content-type", b"application/json")]}
+                receive = _replay(body, receive)
+        except APIError as err:
+            await err.response()(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+    async def _read_body(self, headers: dict[str, str], receive: Any) -> bytes | None:
+        limit = self.state.settings.max_request_bytes
+        too_large = APIError(413, f"the request body is larger than the limit of {limit} bytes (--max-request-bytes)",
+                             code="request_too_large", headers={"Connection": "close"})
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that yields the body read already, then the client's later messages (disconnect)."""
+    sent = False
+
+    async def replay() -> Any:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def create_app(settings: Settings, loaded: Any = None) -> FastAPI:
@@ -116,7 +180,9 @@ def create_app(settings: Settings, loaded: Any = None) -> FastAPI:
             task.cancel()
         await state.shutdown()
 
-    app = FastAPI(title="quept", version=VERSION, lifespan=lifespan)
+    docs = settings.docs
+    app = FastAPI(title="quept", version=VERSION, lifespan=lifespan, openapi_url="/openapi.json" if docs else None,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.state.quept = state
     app.add_middleware(GateMiddleware, state=state)
     _install_error_handlers(app)
@@ -160,31 +226,39 @@ def create_app(settings: Settings, loaded: Any = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         check(request)
-        _refuse_unsupported(body)
+        _check_body(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise APIError(400, f"{len(prompt)} prompts in one request are not supported; send one per request",
                                param="prompt")
             prompt = prompt[0]
-        ids = list(prompt) if isinstance(prompt, list) else list(state.loaded.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, list):
+            ids = list(prompt)
+        else:
+            tok = state.loaded.tokenizer
+            ids = await state.off_loop(lambda: list(tok(prompt)["input_ids"]))
         return await _serve(state, request, body, ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         check(request)
-        _refuse_unsupported(body)
+        _check_body(body)
         if not body.messages:
             raise APIError(400, "messages must contain at least one message", param="messages")
         tok = state.loaded.tokenizer
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = tok.apply_chat_template(msgs, add_generation_prompt=body.add_generation_prompt, tokenize=False)
-        except Exception as err:  # jinja errors of the model's own template (e.g. role order it refuses)
-            raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from None
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+
+        def template_and_tokenize() -> list[int]:
+            try:
+                text = tok.apply_chat_template(msgs, add_generation_prompt=body.add_generation_prompt, tokenize=False)
+            except Exception as err:  # jinja errors of the model's own template (e.g. role order it refuses)
+                raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from None
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+
+        ids = await state.off_loop(template_and_tokenize)
         return await _serve(state, request, body, ids, chat=True)
 
     return app
@@ -217,7 +291,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return APIError(err.status_code, str(err.detail), type_).response()
 
 
-def _refuse_unsupported(body: P.SamplingFields) -> None:
+def _check_body(body: P.SamplingFields) -> None:
+    """What the schema cannot say: text that is not Unicode, features we refuse."""
+    where = P.lone_surrogate(body.model_dump(), "")
+    if where:
+        raise APIError(400, f"{where}: the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid "
+                            "Unicode", param=where, code="invalid_value")
     problem = body.unsupported()
     if problem:
         raise APIError(400, problem, code="unsupported")
@@ -246,6 +325,9 @@ def _precisions(state: ServerState) -> dict[str, Any]:
         "widths": widths,
         "profiles": meta.get("profiles") or {},
         "calibration": calib or None,
+        # say where the perplexities come from, or that none were measured (null then means unknown)
+        "perplexity_source": "measured at calibration (elastic.json)" if isinstance(ppl, dict) else
+                             "not measured for this checkpoint: run `quept eval`",
         "spec": "wB | mixed:X | auto[;min=wA;max=wB]",
         "precedence": ["header X-Precision", "body precision", "model alias NAME@SPEC", "server default"],
         "controller": ctl.report() if ctl else None,  # e.g. the load policy's cost model (ms per plan and batch)
@@ -276,11 +358,14 @@ def _build_request(state: ServerState, body: P.SamplingFields, ids: list[int], c
                    spec: PrecisionSpec | None, request_id: str, arrival: float) -> GenerationRequest:
     if not ids:
         raise APIError(400, "the prompt is empty", param="messages" if chat else "prompt")
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens  # type: ignore[attr-defined]
+    max_tokens = getattr(body, "max_completion_tokens", None)
+    param = "max_completion_tokens"
+    if max_tokens is None:  # chat: max_completion_tokens wins over the older max_tokens when both are set
+        max_tokens, param = body.max_tokens, "max_tokens"  # type: ignore[attr-defined]
     if max_tokens is None:
         max_tokens = max(1, state.max_model_len - len(ids))
     if max_tokens < 1:
-        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        raise APIError(400, f"{param} must be at least 1, got {max_tokens}", param=param)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
     try:
@@ -341,7 +426,7 @@ async def _collect(stream: RequestStream) -> tuple[str, RequestOutput]:
             parts.append(out.delta_text)
             last = out
     except EngineFailedError as err:
-        raise APIError(500, str(err), "server_error", None, "engine_failed") from None
+        raise _failed(err) from None
     assert last is not None
     return "".join(parts), last
 
@@ -367,6 +452,13 @@ async def _until_disconnect(request: Request, work: Awaitable[Any], stream: Requ
     return None
 
 
+def _failed(err: EngineFailedError) -> APIError:
+    """500 when the engine failed the request; 503 when the server cut it short (a drain ran out)."""
+    if err.code == "drain_timeout":
+        return APIError(503, str(err), "service_unavailable", None, err.code)
+    return APIError(500, str(err), "server_error", None, err.code)
+
+
 def _sse_data(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -376,7 +468,7 @@ async def _sse(stream: RequestStream, rid: str, model: str, chat: bool, opts: P.
     obj = "chat.completion.chunk" if chat else "text_completion"
     prompt_n, out_n = stream.num_prompt_tokens, 0
     if chat:
-        yield _sse_data(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}))
+        yield _sse_data(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, precision=stream.precision))
     try:
         async for out in stream:
             out_n = out.num_output_tokens
@@ -386,14 +478,15 @@ async def _sse(stream: RequestStream, rid: str, model: str, chat: bool, opts: P.
             stop_reason = out.stop_reason if out.finished else None
             if chat:
                 delta = {"content": out.delta_text} if out.delta_text else {}
-                chunk = P.chat_chunk(rid, created, model, delta, reason, stop_reason)
+                chunk = P.chat_chunk(rid, created, model, delta, reason, stop_reason, out.precision)
             else:
-                chunk = P.completion_chunk(rid, created, model, out.delta_text, reason, stop_reason)
+                chunk = P.completion_chunk(rid, created, model, out.delta_text, reason, stop_reason, out.precision)
             if opts.continuous_usage_stats:
                 chunk["usage"] = P.usage(prompt_n, out_n)
             yield _sse_data(chunk)
     except EngineFailedError as err:
-        yield _sse_data(P.error_body(str(err), "server_error", None, "engine_failed"))
+        e = _failed(err)
+        yield _sse_data(P.error_body(e.message, e.type, None, e.code))
     if opts.include_usage:
         yield _sse_data(P.usage_chunk(rid, created, model, obj, prompt_n, out_n))
     yield "data: [DONE]\n\n"

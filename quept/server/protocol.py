@@ -31,7 +31,7 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM: -1 or 0 disables
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what a 64-bit generator seed holds
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     n: int = Field(1, ge=1)
@@ -121,6 +121,23 @@ class ChatCompletionRequest(SamplingFields):
         return super().unsupported()
 
 
+def lone_surrogate(value: Any, where: str) -> str | None:
+    """Where a string in a parsed body holds a lone UTF-16 surrogate (JSON allows "\\ud800"; it is not
+    text and no tokenizer can encode it), e.g. `messages.0.content`; None when there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 # ---------------------------------------------------------------------- responses
 
 
@@ -152,10 +169,11 @@ def completion_response(rid: str, model: str, text: str, finish: str | None, sto
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish: str | None = None,
-                     stop_reason: Any = None) -> dict[str, Any]:
+                     stop_reason: Any = None, precision: str | None = None) -> dict[str, Any]:
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason}],
+        "precision": precision,
     }
 
 
@@ -170,10 +188,11 @@ def chat_response(rid: str, model: str, text: str, finish: str | None, stop_reas
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None,
-               stop_reason: Any = None) -> dict[str, Any]:
+               stop_reason: Any = None, precision: str | None = None) -> dict[str, Any]:
     return {
         "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason}],
+        "precision": precision,
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BACKENDS = ("auto", "torch", "torch-fp32", "native", "triton")
@@ -37,7 +37,20 @@ class Settings(BaseSettings):
     """TCP port to listen on (0: any free port)."""
 
     api_key: str | None = None
-    """When set, `/v1/*` requests need `Authorization: Bearer <api_key>` (401 otherwise)."""
+    """When set, `/v1/*` requests (and `/docs`, `/redoc`, `/openapi.json`) need `Authorization: Bearer <api_key>`
+    or `X-API-Key: <api_key>` (401 otherwise). A flag shows in `ps`: prefer `api_key_file` or QUEPT_API_KEY."""
+
+    api_key_file: Path | None = None
+    """Read the API key from this file (its first line; e.g. a Docker or Kubernetes secret mount)."""
+
+    max_request_bytes: int = Field(4 << 20, ge=1024)
+    """Largest request body accepted (bytes); larger ones get 413 before they are read whole."""
+
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    """Close a connection that has sent no request for this long (new connections included)."""
+
+    docs: bool = True
+    """Serve the OpenAPI schema and its pages (`/openapi.json`, `/docs`, `/redoc`); behind the key when one is set."""
 
     max_queue: int = Field(64, ge=0)
     """Requests allowed to wait beyond the `max_batch` running ones; more get 429 with Retry-After."""
@@ -133,6 +146,22 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
     """Log level of the server and uvicorn (debug, info, warning, error)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_api_key_file(cls, data: Any) -> Any:
+        path = data.get("api_key_file") if isinstance(data, dict) else None
+        if not path:
+            return data
+        if data.get("api_key"):
+            raise ValueError("set api_key or api_key_file, not both")
+        try:
+            key = Path(path).read_text().splitlines()[0].strip() if Path(path).stat().st_size else ""
+        except OSError as err:
+            raise ValueError(f"cannot read api_key_file {str(path)!r}: {err.strerror or err}") from None
+        if not key:
+            raise ValueError(f"api_key_file {str(path)!r} is empty")
+        return {**data, "api_key": key}
 
     def policy_options(self) -> dict[str, Any]:
         """Options for `make_controller` (quept.policies.PolicyConfig); `fixed` takes none."""

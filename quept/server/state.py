@@ -37,13 +37,14 @@ class Status(str, enum.Enum):
     STOPPED = "stopped"
 
 
-def ensure_checkpoint(settings: Settings) -> Path:
-    """The checkpoint to serve; with none configured, build the default model into the cache once."""
+def ensure_checkpoint(settings: Settings, in_child: bool = True) -> Path:
+    """The checkpoint to serve; with none configured, build the default model into the cache once
+    (in a child process unless `in_child` is False: the server lives long, the build's memory must go)."""
     if settings.checkpoint is not None:
         return Path(settings.checkpoint)
     from quept.build.builder import ensure_default_checkpoint
 
-    return ensure_default_checkpoint(settings.cache_dir, calibrate=settings.calibrate)  # its name carries the recipe
+    return ensure_default_checkpoint(settings.cache_dir, calibrate=settings.calibrate, in_child=in_child)
 
 
 def load_for_serving(settings: Settings) -> Any:
@@ -81,6 +82,13 @@ class ServerState:
         self.on_fatal: Callable[[str], None] | None = None  # the CLI stops the server when loading fails
         self.model_name = settings.model_name
         self.max_model_len = 0
+        # tokenization and chat templating: off the event loop (a long prompt takes seconds), one at a time
+        # (a Hugging Face tokenizer is not meant to be entered by two threads at once)
+        self._text_work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quept-tokenize")
+
+    async def off_loop(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the text-work thread and await its result (its exceptions propagate)."""
+        return await asyncio.get_running_loop().run_in_executor(self._text_work, fn)
 
     @property
     def ready(self) -> bool:
@@ -153,4 +161,6 @@ class ServerState:
             if not await self.engine.drain(min(1.0, self.settings.drain_timeout_s)):
                 log.warning("drain timeout: aborting %d requests", self.engine.num_unfinished)
             await self.engine.shutdown()
-        self.status = Status.STOPPED
+        self._text_work.shutdown(wait=False, cancel_futures=True)
+        if self.status is not Status.FAILED:  # a failed load stays failed: the exit status reads it
+            self.status = Status.STOPPED

@@ -102,3 +102,33 @@ def test_build_anchors_every_linear_at_4_bits_by_default(tmp_path: Path) -> None
         w4 = dequantize(ew.codes, ew.scales[i4].float(), ew.mins[i4].float(), 4, 32)
         rtn_err = float((quantize_independent(w, 4, 32) - w).pow(2).mean())
         assert float((w4 - w).pow(2).mean()) <= rtn_err * 1.001, name
+
+
+def test_default_build_for_a_server_runs_in_a_spawned_child(tmp_path, monkeypatch) -> None:
+    """`in_child`: the build goes to a one-worker spawn process pool, so its memory leaves with it."""
+    import concurrent.futures
+
+    from quept.build import builder as builder_mod
+
+    calls = []
+
+    class InlinePool:
+        def __init__(self, workers, mp_context):
+            calls.append((workers, mp_context.get_start_method()))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            calls.append((fn.__name__, args))
+            f = concurrent.futures.Future()
+            f.set_result(tmp_path / "built")
+            return f
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InlinePool)
+    monkeypatch.setattr(builder_mod, "default_checkpoint_dir", lambda cache, calibrated=False: tmp_path / "none")
+    assert builder_mod.ensure_default_checkpoint(tmp_path, in_child=True) == tmp_path / "built"
+    assert calls == [(1, "spawn"), ("_build_default_logged", (str(tmp_path), False))]

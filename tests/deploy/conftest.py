@@ -4,16 +4,13 @@ from pathlib import Path
 
 import pytest
 
+from quept.server.settings import Settings
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 
-# The QUEPT_* variables of `quept serve` (issue 8 server contract); test_settings_contract.py
-# checks this list against the server's settings class once it exists.
-SERVE_ENV = {
-    "QUEPT_CHECKPOINT", "QUEPT_HOST", "QUEPT_PORT", "QUEPT_API_KEY", "QUEPT_MAX_QUEUE",
-    "QUEPT_MAX_MODEL_LEN", "QUEPT_POLICY", "QUEPT_BACKEND", "QUEPT_DRAIN_TIMEOUT_S",
-    "QUEPT_CACHE_DIR", "QUEPT_DEFAULT_PRECISION",
-}
+# The QUEPT_* variables of `quept serve`: one per settings field.
+SERVE_ENV = {f"QUEPT_{name.upper()}" for name in Settings.model_fields}  # what `quept serve` reads
 
 # Metric families of docs/architecture.md §5 (with the `quept:` prefix, counters without `_total`).
 DESIGN_METRICS = {

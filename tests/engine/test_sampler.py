@@ -42,6 +42,13 @@ def test_low_temperature_sharpens() -> None:
     assert hot.count(1) > 60 and cold.count(1) == 0
 
 
+@pytest.mark.parametrize("temperature", [1e-164, 1e-30, 9e-6])
+def test_a_vanishing_temperature_is_greedy(temperature: float) -> None:
+    """Found by the API fuzzer: logits / 1e-164 overflow and the softmax turned NaN (a 500)."""
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert sample(logits, SamplingParams(temperature=temperature), torch.Generator().manual_seed(0)) == 1
+
+
 def test_a_seed_repeats_its_draws() -> None:
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=1.0, seed=7)

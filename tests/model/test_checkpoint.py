@@ -103,3 +103,23 @@ def test_interrupted_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
 def test_group_size_that_does_not_divide_k(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="group size 48 does not divide K=64"):
         tiny_checkpoint(tmp_path / "c", group_size=48)
+
+
+def test_stages_of_killed_writers_are_swept(tmp_path: Path) -> None:
+    """A SIGKILL leaves `.NAME.tmp-PID-*` behind (no finally runs); the next write removes it, and
+    leaves alone a stage whose writer still runs."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".out.tmp-{dead_pid}-abc123"
+    stale.mkdir()
+    (stale / "dense.safetensors").write_bytes(b"half written")
+    alive = tmp_path / f".out.calib-{os.getppid()}-def456"  # a live process (our parent) writing
+    alive.mkdir()
+    out = build_checkpoint(tiny_source(), tmp_path / "out", group_size=32, progress=False)
+    assert (out / META_FILE).is_file()
+    assert not stale.exists() and alive.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "out"])

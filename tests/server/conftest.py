@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from quept.model.loader import load_model
 from quept.server.app import create_app
+from quept.server.launch import draining_server, uvicorn_config
 from quept.server.settings import Settings
 
 API_KEY = "test-key"
@@ -25,8 +25,9 @@ class LiveServer:
     def __init__(self, settings: Settings, loaded: Any) -> None:
         self.app = create_app(settings, loaded)
         self.state = self.app.state.quept
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        # the production configuration (idle timeout, drain on handle_exit), quieter
+        config = uvicorn_config(self.app, settings.model_copy(update={"host": "127.0.0.1", "log_level": "warning"}), 0)
+        self.server = draining_server(config, self.state, settings.drain_timeout_s)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.url = ""
 

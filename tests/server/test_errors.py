@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -50,6 +51,18 @@ ROWS: list[tuple[str, str, Any, dict[str, str], int, str | None, tuple[str, ...]
     ("missing API key", CMPL, OK_CMPL, {"Authorization": ""}, 401, "invalid_api_key", ("API key",)),
     ("wrong API key", CHAT, OK_CHAT, {"Authorization": "Bearer nope"}, 401, "invalid_api_key", ("API key",)),
     ("no API key on bad JSON", CMPL, b"{", {"Authorization": ""}, 401, "invalid_api_key", ("API key",)),
+    # JSON may escape a lone surrogate ("\\ud800"); json.dumps writes the escape (httpx's json= cannot send it)
+    ("lone surrogate in the prompt", CMPL, json.dumps({**OK_CMPL, "prompt": "hi \ud800"}).encode(), {}, 400, "invalid_value",
+     ("prompt", "surrogate")),
+    ("lone surrogate in a message", CHAT, json.dumps({**OK_CHAT, "messages": [{"role": "user", "content": "hi \udfff"}]}).encode(), {}, 400,
+     "invalid_value", ("messages.0.content", "surrogate")),
+    ("lone surrogate in a stop string", CMPL, json.dumps({**OK_CMPL, "stop": ["ok", "\ud83d"]}).encode(), {}, 400, "invalid_value",
+     ("stop.1",)),
+    ("zero max_completion_tokens", CHAT, {**OK_CHAT, "max_completion_tokens": 0}, {}, 400, None,
+     ("max_completion_tokens", "at least 1")),
+    ("seed over 64 bits", CMPL, {**OK_CMPL, "seed": 2**70}, {}, 400, "invalid_value", ("seed",)),
+    ("very long precision", CMPL, OK_CMPL, {"X-Precision": "w" * 10_000}, 400, "invalid_precision",
+     ("10000 characters",)),
 ]
 
 
@@ -76,6 +89,7 @@ def test_bad_input(http: httpx.Client, row) -> None:
         assert err["code"] == code, err
     for w in words:
         assert w in err["message"], err
+    assert len(err["message"]) < 400, "an error quotes at most a short piece of what was sent"
     ok = http.post(CHAT if path == CHAT else CMPL, json=OK_CHAT if path == CHAT else OK_CMPL, headers=AUTH)
     assert ok.status_code == 200, ok.text  # still serving
 

@@ -31,10 +31,10 @@ def test_default_checkpoint_is_built_under_a_name_with_its_group_size(tmp_path: 
     old.mkdir(parents=True)
     (old / "elastic.json").write_text(json.dumps({"group_size": 64}))
     settings = Settings(cache_dir=cache, checkpoint=None)
-    path = ensure_checkpoint(settings)
+    path = ensure_checkpoint(settings, in_child=False)
     assert path == cache / "checkpoints" / "smollm2-135m-instruct-g32-lsq-a4"
     assert builds == [("source None", path, None)]  # None: build_checkpoint chooses 32, as the name says
-    assert ensure_checkpoint(settings) == path and len(builds) == 1  # built once
+    assert ensure_checkpoint(settings, in_child=False) == path and len(builds) == 1  # built once
 
 
 def test_calibrate_serves_the_calibrated_default_under_its_own_name(tmp_path: Path, monkeypatch) -> None:
@@ -59,9 +59,9 @@ def test_calibrate_serves_the_calibrated_default_under_its_own_name(tmp_path: Pa
     monkeypatch.setattr(builder_mod, "build_checkpoint", no_plain_build)
     cache = tmp_path / "cache"
     settings = Settings(cache_dir=cache, checkpoint=None, calibrate=True)
-    path = ensure_checkpoint(settings)
+    path = ensure_checkpoint(settings, in_child=False)
     assert path == cache / "checkpoints" / "smollm2-135m-instruct-g32-cal-a4"
     assert calibrations == [("source None", path)]
-    assert ensure_checkpoint(settings) == path and len(calibrations) == 1  # built once
+    assert ensure_checkpoint(settings, in_child=False) == path and len(calibrations) == 1  # built once
     given = tmp_path / "mine"
-    assert ensure_checkpoint(Settings(cache_dir=cache, checkpoint=given, calibrate=True)) == given  # a checkpoint wins
+    assert ensure_checkpoint(Settings(cache_dir=cache, checkpoint=given, calibrate=True), in_child=False) == given  # a checkpoint wins
