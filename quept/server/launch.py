@@ -54,16 +54,48 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def idle_timeout_protocol() -> type:
-    """uvicorn's h11 protocol, with its keep-alive timer also started when a connection opens: a
-    client that connects and never sends a request is closed after `timeout_keep_alive` seconds
-    (uvicorn only starts it after a response)."""
+def idle_timeout_protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with two more deadlines: its keep-alive timer also starts when a
+    connection opens (a client that connects and sends nothing is closed after `timeout_keep_alive`;
+    uvicorn starts it only after a response), and a request's headers must be complete within
+    `header_timeout_s` of the connection opening or of the previous response (a client that trickles
+    header bytes, slowloris-style, is closed)."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class IdleTimeoutH11Protocol(H11Protocol):
+        header_deadline: Any = None
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self._arm_header_deadline()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.header_deadline is not None and self.conn.their_state is not h11.IDLE:  # headers are in
+                self.header_deadline.cancel()
+                self.header_deadline = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_header_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.header_deadline is not None:
+                self.header_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_deadline(self) -> None:
+            if self.header_deadline is not None:
+                self.header_deadline.cancel()
+            self.header_deadline = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _headers_too_slow(self) -> None:
+            self.header_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
 
     return IdleTimeoutH11Protocol
 
@@ -73,7 +105,7 @@ def uvicorn_config(app: Any, settings: Settings, port: int) -> Any:
     import uvicorn
 
     level = settings.log_level
-    return uvicorn.Config(app, host=settings.host, port=port, log_level=level, http=idle_timeout_protocol(),
+    return uvicorn.Config(app, host=settings.host, port=port, log_level=level, http=idle_timeout_protocol(settings.header_timeout_s),
                           timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)), timeout_graceful_shutdown=FLUSH_S)
 
 

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     keep_alive_timeout_s: float = Field(5.0, gt=0)
     """Close a connection that has sent no request for this long (new connections included)."""
 
+    header_timeout_s: float = Field(10.0, gt=0)
+    """A request's headers must arrive within this long of the connection opening (or of the previous
+    response); a client that trickles them is closed."""
+
     docs: bool = True
     """Serve the OpenAPI schema and its pages (`/openapi.json`, `/docs`, `/redoc`); behind the key when one is set."""
 

@@ -136,6 +136,33 @@ def test_idle_connections_are_closed(make_server) -> None:
     assert httpx.get(srv.url + "/health").status_code == 200
 
 
+def test_headers_trickled_byte_by_byte_are_cut_off(make_server) -> None:
+    srv = make_server(keep_alive_timeout_s=30, header_timeout_s=1)
+    port = int(srv.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        t0 = time.monotonic()
+        closed = False
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+            if time.monotonic() - t0 > 3:
+                break
+        if not closed:
+            s.settimeout(5)
+            try:
+                closed = s.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+        assert closed and time.monotonic() - t0 < 4, "a slow sender held the connection past the header timeout"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a prompt sender is served
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+
+
 # ---------------------------------------------------------------------- drain
 
 
