@@ -181,12 +181,18 @@ def run_streams(srv: LiveServer, n: int, max_tokens: int) -> tuple[list[threadin
     return threads, events
 
 
-def test_drain_keeps_the_listener_open_and_finishes_every_stream(make_server) -> None:
-    srv = make_server(drain_timeout_s=60, max_batch=8)
-    slow(srv, 0.02)
-    threads, events = run_streams(srv, 8, 40)
-    assert wait_for(lambda: srv.engine.scheduler.num_running == 8, 20)
+def sigterm_mid_flight(make_server, n: int, step_s: float, max_tokens: int, drain_timeout_s: float):
+    """A server with `n` streams running (steps slowed to `step_s`), then the drain a SIGTERM starts."""
+    srv = make_server(drain_timeout_s=drain_timeout_s, max_batch=n)
+    slow(srv, step_s)
+    threads, events = run_streams(srv, n, max_tokens)
+    assert wait_for(lambda: srv.engine.scheduler.num_running == n, 20)
     srv.server.handle_exit(signal.SIGTERM, None)
+    return srv, threads, events
+
+
+def test_drain_keeps_the_listener_open_and_finishes_every_stream(make_server) -> None:
+    srv, threads, events = sigterm_mid_flight(make_server, 8, 0.02, 40, drain_timeout_s=60)
     health = httpx.get(srv.url + "/health")  # the listener is still open: a readiness probe sees 503
     assert health.status_code == 503 and health.json()["status"] == "draining"
     late = httpx.post(srv.url + CMPL, json={"model": MODEL, "prompt": "hi", "max_tokens": 1})
@@ -202,11 +208,7 @@ def test_drain_keeps_the_listener_open_and_finishes_every_stream(make_server) ->
 
 
 def test_drain_timeout_ends_streams_with_an_error_event(make_server) -> None:
-    srv = make_server(drain_timeout_s=0.5, max_batch=4)
-    slow(srv, 0.2)
-    threads, events = run_streams(srv, 4, 200)
-    assert wait_for(lambda: srv.engine.scheduler.num_running == 4, 20)
-    srv.server.handle_exit(signal.SIGTERM, None)
+    srv, threads, events = sigterm_mid_flight(make_server, 4, 0.2, 200, drain_timeout_s=0.5)
     for t in threads:
         t.join(60)
     for ev in events:
