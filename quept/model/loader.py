@@ -34,6 +34,7 @@ class LoadedModel:
     tokenizer: Any
     backend: ElasticBackend
     load_seconds: float
+    adapters_trained: bool = True  # False: every adapter is zeros (an uncalibrated build): their effective rank is 0
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -89,6 +90,7 @@ def load_model(checkpoint: str | Path, backend: str = "auto", device: str = "cpu
     ckpt = load_checkpoint(checkpoint)
     be = get_backend(backend, device)
     model = elastic_model_from_checkpoint(ckpt, be)
+    trained = any(bool(w.lora_b.any()) for w in ckpt.elastic.values())  # read before the host copies go
     release_host_copies(ckpt, model)
     tokenizer = None
     if (Path(checkpoint) / "tokenizer_config.json").is_file():
@@ -98,4 +100,4 @@ def load_model(checkpoint: str | Path, backend: str = "auto", device: str = "cpu
     torch.set_grad_enabled(False)
     seconds = time.perf_counter() - t0
     log.info("loaded %s with the %s backend in %.1f s", checkpoint, be.name, seconds)
-    return LoadedModel(ckpt, model, tokenizer, be, seconds)
+    return LoadedModel(ckpt, model, tokenizer, be, seconds, adapters_trained=trained)

@@ -313,7 +313,8 @@ def _precisions(state: ServerState) -> dict[str, Any]:
     calib = meta.get("calibration") or {}
     ppl = calib.get("perplexity") if isinstance(calib, dict) else None
     ranks = meta.get("ranks", {})
-    widths = [{"name": f"w{b}", "bits": b, "adapter_rank": ranks.get(str(b)),
+    # an uncalibrated build stores zero adapters: report their effective rank, 0, not the reserved one
+    widths = [{"name": f"w{b}", "bits": b, "adapter_rank": ranks.get(str(b)) if lm.adapters_trained else 0,
                "perplexity": ppl.get(f"w{b}", ppl.get(str(b))) if isinstance(ppl, dict) else None}
               for b in lm.widths]
     engine = state.engine.engine if state.engine else None
@@ -325,6 +326,7 @@ def _precisions(state: ServerState) -> dict[str, Any]:
         "widths": widths,
         "profiles": meta.get("profiles") or {},
         "calibration": calib or None,
+        "adapters": "trained" if lm.adapters_trained else "all zero (uncalibrated build; `quept build --calibrate`)",
         # say where the perplexities come from, or that none were measured (null then means unknown)
         "perplexity_source": "measured at calibration (elastic.json)" if isinstance(ppl, dict) else
                              "not measured for this checkpoint: run `quept eval`",

@@ -95,6 +95,20 @@ def test_precisions_endpoint(server):
     assert [w["name"] for w in out["widths"]] == ["w8", "w6", "w5", "w4", "w3", "w2"]
 
 
+def test_precisions_says_what_is_known(server, make_server, tmp_path):
+    """Trained adapters report their ranks; an uncalibrated build's zero adapters report rank 0; no
+    measured perplexity is said so, not left as a bare null."""
+    from quept.model.loader import load_model
+    from tests.tiny import tiny_checkpoint
+
+    trained = httpx.get(server.url + "/v1/precisions", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert trained["adapters"] == "trained" and any(w["adapter_rank"] for w in trained["widths"])
+    plain = load_model(tiny_checkpoint(tmp_path / "plain"), backend="torch-fp32")
+    out = httpx.get(make_server(loaded=plain).url + "/v1/precisions").json()
+    assert out["adapters"].startswith("all zero") and all(w["adapter_rank"] == 0 for w in out["widths"])
+    assert all(w["perplexity"] is None for w in out["widths"]) and "not measured" in out["perplexity_source"]
+
+
 def test_concurrent_mixed_widths_match_each_alone(client, server):
     """Greedy requests at w8, w4 and w2 in one batch return exactly the tokens each returns alone."""
     prompts = {"w8": "hello world", "w4": "The quick brown fox", "w2": "Elastic precision lets"}
