@@ -62,7 +62,7 @@ class RequestStream:
         try:
             while not self.finished:
                 out = await self.queue.get()
-                if out.finished:
+                if out.request_finished:
                     self.finished = True
                 if out.error is not None:
                     raise EngineFailedError(out.error, out.error_code)
@@ -122,7 +122,8 @@ class AsyncEngine:
         cut = list(self._streams.values())
         for stream in cut:
             out = RequestOutput(stream.request_id, [], "", stream.num_prompt_tokens, 0, stream.precision, finished=True,
-                                finish_reason=FinishReason.ABORT, error=message, error_code="drain_timeout")
+                                finish_reason=FinishReason.ABORT, error=message, error_code="drain_timeout",
+                                request_finished=True)
             stream.queue.put_nowait(out)
             self.abort(stream.request_id)
         self._streams.clear()
@@ -208,11 +209,10 @@ class AsyncEngine:
                     seq.finish(FinishReason.ABORT)
                     out = seq.make_output([], seq.plan.name)
                     out.error = str(err)
+                    out.request_finished = True
                     outputs.append(out)
             for rid in aborts:
-                out = engine.abort(rid)
-                if out is not None:
-                    outputs.append(out)
+                outputs.extend(engine.abort(rid))
             if stopping:
                 outputs.extend(engine.abort_all())
                 self._deliver(outputs)
@@ -241,7 +241,7 @@ class AsyncEngine:
         """On the event loop: route outputs to their streams."""
         for out in outputs:
             stream = self._streams.get(out.request_id)
-            if out.finished:
+            if out.request_finished:
                 if self._streams.pop(out.request_id, None) is not None:
                     self._unfinished -= 1
             if stream is not None:

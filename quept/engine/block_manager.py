@@ -3,6 +3,11 @@
 The scheduler reserves a sequence's blocks when it schedules its rows (`reserve`), so by the time a
 step executes every row has a slot and building the layout is a pure read of the tables. Blocks
 come back when a sequence finishes, is aborted or is preempted (`free`).
+
+Blocks are reference-counted: the n sequences of one request share the full blocks of their prompt
+(`fork`); a block returns to the free list when its last holder frees it. A forked table never
+shares a partially filled block (the sequences would write their next tokens into the same slots):
+that block is copied into a fresh one.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks  # holders of each block
 
     @property
     def num_free_blocks(self) -> int:
@@ -59,11 +65,34 @@ class BlockManager:
         if need > len(self._free):
             raise OutOfBlocks(f"need {need} KV blocks, {len(self._free)} free")
         for _ in range(need):
-            seq.block_table.append(self._free.pop())
+            block = self._free.pop()
+            self._refs[block] = 1
+            seq.block_table.append(block)
         seq.num_tokens += new_tokens
 
+    def fork(self, parent: SequenceBlocks) -> tuple[SequenceBlocks, tuple[int, int] | None] | None:
+        """A table holding the same `parent.num_tokens` tokens: its full blocks shared, a partially filled
+        last block replaced by a fresh one, returned as (source, destination) for the caller to copy.
+        None when that fresh block is not free."""
+        full, partial = divmod(parent.num_tokens, self.block_size)
+        if partial and not self._free:
+            return None
+        table = parent.block_table[:full]
+        for block in table:
+            self._refs[block] += 1
+        copy = None
+        if partial:
+            fresh = self._free.pop()
+            self._refs[fresh] = 1
+            copy = (parent.block_table[full], fresh)
+            table = table + [fresh]
+        return SequenceBlocks(table, parent.num_tokens), copy
+
     def free(self, seq: SequenceBlocks) -> None:
-        """Return all blocks of `seq` to the pool (idempotent)."""
-        self._free.extend(reversed(seq.block_table))
+        """Give up all blocks of `seq`; those it held alone return to the pool (idempotent)."""
+        for block in reversed(seq.block_table):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free.append(block)
         seq.block_table = []
         seq.num_tokens = 0

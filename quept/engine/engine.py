@@ -6,9 +6,10 @@ One `step()` reads as docs/architecture.md says:
     plan      the controller's plan for every scheduled sequence (it may change between tokens)
     execute   ONE forward over all rows (`ModelRunner.execute`); each row runs at its sequence's plan
     sample    the next token of every sequence whose rows reached its end
-    update    append tokens, detokenize, check stops, free finished sequences' KV blocks
+    update    logprobs (when asked) from the same logits, append tokens, detokenize, check stops,
+              fork the n-1 siblings of a request with n > 1, free finished sequences' KV blocks
 
-New requests join the running batch between steps; `abort` frees a sequence's blocks at once.
+New requests join the running batch between steps; `abort` frees a request's blocks at once.
 The engine is synchronous and single-threaded (`AsyncEngine` runs it in a background thread).
 Metrics leave through an `EngineObserver`, so this module knows nothing of Prometheus or HTTP.
 """
@@ -26,7 +27,7 @@ import torch
 from quept.engine.block_manager import BlockManager
 from quept.engine.sampler import GREEDY_BELOW, sample
 from quept.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from quept.engine.sequence import FinishReason, GenerationRequest, RequestOutput, Sequence
+from quept.engine.sequence import FinishReason, GenerationRequest, RequestOutput, Sequence, TokenLogprob
 from quept.errors import ContextLengthError
 from quept.model.model import ElasticModel
 from quept.model.runner import ModelRunner, SeqRows, StepBatch
@@ -64,6 +65,42 @@ class EngineStats:
     num_blocks: int
 
 
+@dataclass
+class StepLogits:
+    """The logits of one forward and where each scheduled sequence's rows are in them."""
+
+    logits: torch.Tensor  # [R, V]
+    offsets: list[int]  # per scheduled sequence: its first row in `logits`
+    counts: list[int]  # per scheduled sequence: its rows in `logits` (all rows, the last one, or none)
+
+    def rows(self, i: int) -> torch.Tensor:
+        return self.logits[self.offsets[i] : self.offsets[i] + self.counts[i]]
+
+    def last(self, i: int) -> int:
+        return self.offsets[i] + self.counts[i] - 1
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The logprob of `token` and the `top` most likely tokens under raw logits [V]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = logp.topk(min(top, logp.shape[-1]))
+        alternatives = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logp[token]), alternatives)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: Seq[int], top: int) -> list[TokenLogprob]:
+    """Logprobs of `targets[r]` under row r of logits [R, V] (row p predicts the token after p)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    ids = torch.tensor(list(targets), dtype=torch.int64)
+    chosen = logp.gather(1, ids[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprob(t, c) for t, c in zip(targets, chosen)]
+    values, alt = logp.topk(min(top, logp.shape[-1]), dim=-1)  # [R, k]
+    return [TokenLogprob(t, c, tuple(zip(a, v))) for t, c, a, v in zip(targets, chosen, alt.tolist(), values.tolist())]
+
+
 class EngineObserver:
     """Receives engine events (the server turns them into metrics). Every method is a no-op here."""
 
@@ -73,12 +110,16 @@ class EngineObserver:
     def on_tokens(self, plan: PrecisionPlan, count: int) -> None:
         """`count` tokens were generated at `plan` in one step."""
 
+    def on_prefill(self, rows: int) -> None:
+        """`rows` prompt rows ran through the model in one step (a prompt shared by n sequences once)."""
+
     def on_first_token(self, seq: Sequence, ttft_s: float) -> None: ...
 
     def on_inter_token(self, seq: Sequence, itl_s: float) -> None: ...
 
     def on_finished(self, seq: Sequence) -> None:
-        """A sequence ended (stop, length or abort); its KV blocks are already free."""
+        """A request ended (stop, length or abort): `seq` is the last of its sequences to end; every
+        KV block of the request is already free."""
 
     def on_switch(self, policy: str, reason: str, seq: Sequence, old: PrecisionPlan, new: PrecisionPlan) -> None: ...
 
@@ -125,7 +166,7 @@ class LLMEngine:
         self.blocks = BlockManager(cache.num_blocks, cache.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_batch, config.max_batched_tokens, config.chunked_prefill), self.blocks)
-        self._seqs: dict[str, Sequence] = {}
+        self._seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished sequences
         self.step_count = 0
         self._itl_ema: float | None = None
         self._full_threads = self._threads = torch.get_num_threads()
@@ -167,7 +208,7 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self._seqs:
             raise ValueError(f"request id {seq.request_id!r} is already running")
-        self._seqs[seq.request_id] = seq
+        self._seqs[seq.request_id] = [seq]
         self.scheduler.add(seq)
 
     def add_request(self, request: GenerationRequest) -> Sequence:
@@ -175,18 +216,22 @@ class LLMEngine:
         self.add_sequence(seq)
         return seq
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """End a sequence at once and free its KV blocks; None if it is not (or no longer) running."""
-        seq = self._seqs.pop(request_id, None)
-        if seq is None:
-            return None
-        self.scheduler.remove(seq)
-        seq.finish(FinishReason.ABORT)
-        self.observer.on_finished(seq)
-        return seq.make_output([], seq.plan.name)
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """End a request's sequences at once and free their KV blocks: one output per sequence, the
+        last one `request_finished`; none if the request is not (or no longer) running."""
+        group = self._seqs.pop(request_id, [])
+        outs = []
+        for seq in group:
+            self.scheduler.remove(seq)
+            seq.finish(FinishReason.ABORT)
+            outs.append(seq.make_output([], seq.plan.name))
+        if outs:
+            outs[-1].request_finished = True
+            self.observer.on_finished(group[-1])
+        return outs
 
     def abort_all(self, error: str | None = None) -> list[RequestOutput]:
-        outs = [o for rid in list(self._seqs) if (o := self.abort(rid)) is not None]
+        outs = [o for rid in list(self._seqs) for o in self.abort(rid)]
         for o in outs:
             o.error = error
         return outs
@@ -214,7 +259,7 @@ class LLMEngine:
         self._set_threads(batch.num_rows)
         logits = self.execute(batch, plans)
         tokens = self.sample(batch, logits)
-        outputs = self.update(batch, plans, tokens)
+        outputs = self.update(batch, plans, logits, tokens)
         self.step_count += 1
         seconds = time.perf_counter() - t0
         if self.controller is not None:
@@ -262,19 +307,30 @@ class LLMEngine:
             plans.append(s.seq.plan)
         return plans
 
-    def execute(self, batch: SchedulerOutput, plans: list[PrecisionPlan]) -> torch.Tensor:
-        """One forward over all rows; logits [S, V] for the S sequences that sample this step."""
-        rows = []
+    def execute(self, batch: SchedulerOutput, plans: list[PrecisionPlan]) -> StepLogits:
+        """One forward over all rows: the last row's logits of every sequence that samples, and every
+        row's of a prompt whose logprobs are asked for."""
+        rows, offsets, counts = [], [], []
+        at = 0
         for s, plan in zip(batch.scheduled, plans):
             seq, start = s.seq, s.seq.num_computed
-            rows.append(SeqRows(seq.token_ids[start : start + s.num_rows], start, seq.blocks.block_table, plan, s.samples))
-        return self.runner.execute(StepBatch(rows))
+            all_rows = seq.wants_prompt_rows
+            rows.append(SeqRows(seq.token_ids[start : start + s.num_rows], start, seq.blocks.block_table, plan,
+                                s.samples, all_rows))
+            offsets.append(at)
+            counts.append(s.num_rows if all_rows else int(s.samples))
+            at += counts[-1]
+        return StepLogits(self.runner.execute(StepBatch(rows)), offsets, counts)
 
-    def sample(self, batch: SchedulerOutput, logits: torch.Tensor) -> list[int]:
+    def sample(self, batch: SchedulerOutput, step: StepLogits) -> list[int]:
         """Next token per sampling sequence (greedy rows in one argmax, the rest one by one)."""
         sampling = [s.seq for s in batch.scheduled if s.samples]
         if not sampling:
             return []
+        logits = step.logits
+        last = [step.last(i) for i, s in enumerate(batch.scheduled) if s.samples]
+        if len(last) != logits.shape[0]:  # prompt rows are in the logits too: take each sequence's last
+            logits = logits[torch.tensor(last, dtype=torch.int64)]
         tokens = logits.argmax(-1).tolist()  # greedy for every row; replaced below where sampling
         for i, seq in enumerate(sampling):
             params = seq.request.sampling
@@ -286,37 +342,103 @@ class LLMEngine:
                 ctl.observe(seq, logits[i])
         return tokens
 
-    def update(self, batch: SchedulerOutput, plans: list[PrecisionPlan], tokens: list[int]) -> list[RequestOutput]:
+    def update(self, batch: SchedulerOutput, plans: list[PrecisionPlan], step: StepLogits,
+               tokens: list[int]) -> list[RequestOutput]:
         now = time.monotonic()
         outputs: list[RequestOutput] = []
         per_plan: dict[PrecisionPlan, int] = {}
         it = iter(tokens)
         itls: list[float] = []
-        for s, plan in zip(batch.scheduled, plans):
+        prefill_rows = 0
+        for i, (s, plan) in enumerate(zip(batch.scheduled, plans)):
             seq = s.seq
+            start = seq.num_computed
+            prefill_rows += max(0, min(start + s.num_rows, seq.num_prompt) - start)
+            if step.counts[i] == s.num_rows and seq.wants_prompt_rows:
+                self._add_prompt_logprobs(seq, start, step.rows(i))
             seq.num_computed += s.num_rows
             if not s.samples:
                 continue
             token = next(it)
+            if seq.request.max_tokens == 0:  # scoring only: the prompt's logprobs were the point
+                seq.finish(FinishReason.LENGTH, None, now)
+                outputs.append(self._output(seq, [], plan))
+                continue
             last = seq.last_token_time
-            seq.append_token(token, now)
+            if last is None and seq.request.n > 1 and seq.index == 0:
+                outputs.extend(self._fork(seq, step.logits[step.last(i)], plan, now))
+                per_plan[plan] = per_plan.get(plan, 0) + seq.request.n - 1
+            top = seq.request.logprobs
+            logprob = None if top is None else token_logprob(step.logits[step.last(i)], token, top)
+            seq.append_token(token, now, logprob)
             per_plan[plan] = per_plan.get(plan, 0) + 1
             if last is None:
                 self.observer.on_first_token(seq, now - seq.request.arrival_time)
             else:
                 itls.append(now - last)
                 self.observer.on_inter_token(seq, now - last)
-            if seq.is_finished:
-                self._seqs.pop(seq.request_id, None)
-                self.scheduler.remove(seq)
-                self.observer.on_finished(seq)
-            outputs.append(seq.make_output([token], plan.name))
+            outputs.append(self._output(seq, [token], plan))
+        if prefill_rows:
+            self.observer.on_prefill(prefill_rows)
         for plan, count in per_plan.items():
             self.observer.on_tokens(plan, count)
         if itls:
             mean = sum(itls) / len(itls)
             self._itl_ema = mean if self._itl_ema is None else 0.8 * self._itl_ema + 0.2 * mean
         return outputs
+
+    def _output(self, seq: Sequence, new_ids: list[int], plan: PrecisionPlan) -> RequestOutput:
+        """The step's output of `seq`; a finished sequence leaves the engine first (its blocks freed)."""
+        last = False
+        if seq.is_finished:
+            self.scheduler.remove(seq)
+            group = self._seqs.get(seq.request_id, [])
+            if seq in group:
+                group.remove(seq)
+            if not group:
+                self._seqs.pop(seq.request_id, None)
+                self.observer.on_finished(seq)
+                last = True
+        out = seq.make_output(new_ids, plan.name)
+        out.request_finished = last
+        return out
+
+    def _add_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens that rows [start, start + len(logits)) predict and that are
+        not known yet (a recompute after preemption runs rows whose logprobs are)."""
+        known = seq.prompt_logprobs
+        assert known is not None
+        lo = max(start, len(known) - 1)  # row p predicts token p + 1
+        hi = min(start + logits.shape[0], seq.num_prompt - 1)
+        if hi > lo:
+            top = seq.request.prompt_logprobs or 0
+            known.extend(prompt_logprobs(logits[lo - start : hi - start], seq.token_ids[lo + 1 : hi + 1], top))
+
+    def _fork(self, parent: Sequence, logits: torch.Tensor, plan: PrecisionPlan, now: float) -> list[RequestOutput]:
+        """Sequences 1 … n-1 of `parent`'s request, at the end of its prefill: each samples its first
+        token from the same logits [V] with its own random stream and shares the prompt's full KV
+        blocks (a partially filled last block is copied). One without a free block for that copy
+        recomputes the prompt when the scheduler admits it."""
+        group = self._seqs[parent.request_id]
+        params = parent.request.sampling
+        top = parent.request.logprobs
+        outs = []
+        for index in range(1, parent.request.n):
+            child = parent.fork(index, now)
+            token = sample(logits, params, child.generator)
+            forked = self.blocks.fork(parent.blocks)
+            if forked is None:
+                self.scheduler.add(child)
+            else:
+                child.blocks, copy = forked
+                if copy is not None:
+                    self.runner.cache.copy_block(*copy)
+                child.num_computed = parent.num_computed
+                self.scheduler.add_running(child)
+            group.append(child)
+            child.append_token(token, now, None if top is None else token_logprob(logits, token, top))
+            outs.append(self._output(child, [token], plan))
+        return outs
 
     def run_to_completion(self) -> dict[str, list[RequestOutput]]:
         """Step until every sequence finishes (tests and offline use); outputs per request id."""

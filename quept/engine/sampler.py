@@ -26,11 +26,15 @@ class SamplingParams:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
-    def generator(self) -> torch.Generator | None:
+    def generator(self, index: int = 0) -> torch.Generator | None:
+        """The random stream of a request's sequence `index` (seed + index), or None without a seed."""
         if self.seed is None:
             return None
+        seed = self.seed + index
+        if seed >= 2**64:  # what a 64-bit generator seed holds: wrap around
+            seed -= 2**64
         g = torch.Generator()
-        g.manual_seed(self.seed)
+        g.manual_seed(seed)
         return g
 
 

@@ -94,6 +94,12 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Run a sequence that already holds KV blocks for its computed tokens (a fork of a running
+        one) from the next step; it counts against `max_batch` like any other."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def fits_ever(self, num_tokens: int) -> bool:
         """Whether a sequence of this many tokens fits the whole cache at all."""
         return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks

@@ -2,9 +2,11 @@
 
 A `GenerationRequest` is the validated request (prompt token ids, sampling, stops, precision
 spec). A `Sequence` is its run-time state: token ids (prompt + generated), how many of them are
-already in the KV cache (`num_computed`), its KV blocks, its current precision plan and the text
-produced so far (incremental detokenization with stop strings). A `RequestOutput` is what one
-engine step hands back for one sequence.
+already in the KV cache (`num_computed`), its KV blocks, its current precision plan, the text
+produced so far (incremental detokenization with stop strings) and, when asked, the logprobs of its
+tokens. A request with `n > 1` runs as n sequences (`index` 0 … n-1) that share the prompt's KV
+blocks: sequence 0 prefills, the others are forked from it when it samples (`Sequence.fork`). A
+`RequestOutput` is what one engine step hands back for one sequence.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model at the width that ran it (raw logits: before
+    temperature, top-k/top-p or penalties), with the `top` most likely tokens of that position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """A validated generation request in token ids (the server tokenizes; the engine never sees HTTP)."""
 
@@ -52,11 +64,22 @@ class GenerationRequest:
     ignore_eos: bool = False  # keep generating past end-of-sequence ids (benchmarks)
     min_tokens: int = 0  # no stop (id or string) before this many tokens
     include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # logprobs of generated tokens with this many alternatives (0: the token's own)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (its first token has none)
+    n: int = 1  # completions of this prompt, sharing its prefill
     arrival_time: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.max_tokens == 0 and self.n != 1:
+            raise ValueError("max_tokens 0 (scoring the prompt) takes n = 1")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if not self.prompt_ids:
@@ -78,14 +101,24 @@ class RequestOutput:
     stop_reason: int | str | None = None  # the stop id or stop string that ended it (None for EOS)
     error: str | None = None  # set when the engine failed this request, or the server cut it
     error_code: str = "engine_failed"  # with `error`: engine_failed, or drain_timeout when a drain cut it
+    index: int = 0  # which of the request's n sequences
+    logprobs: list[TokenLogprob] | None = None  # of new_token_ids, when the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the request's first output, when asked
+    cumulative_logprob: float | None = None  # of all tokens generated so far, when logprobs were asked
+    request_finished: bool = False  # every sequence of the request has finished (the stream may close)
 
 
 class Sequence:
     """Run-time state of one request inside the engine (touched only by the engine thread)."""
 
-    def __init__(self, request: GenerationRequest, plan: PrecisionPlan, eos_ids: Seq[int] = (), tokenizer: Any = None) -> None:
+    def __init__(self, request: GenerationRequest, plan: PrecisionPlan, eos_ids: Seq[int] = (), tokenizer: Any = None,
+                 index: int = 0) -> None:
         self.request = request
         self.request_id = request.request_id
+        self.index = index
+        self.seq_id = request.request_id if index == 0 else f"{request.request_id}#{index}"
+        self.eos_ids = tuple(eos_ids)
+        self.tokenizer = tokenizer
         self.plan = plan  # the plan of the next step (the controller may change it between steps)
         self.status = SequenceStatus.WAITING
         self.token_ids: list[int] = list(request.prompt_ids)  # prompt + generated
@@ -96,7 +129,7 @@ class Sequence:
         if not request.ignore_eos:
             stop_ids.update(eos_ids)
         self.stop_ids = frozenset(stop_ids)
-        self.generator: torch.Generator | None = request.sampling.generator()
+        self.generator: torch.Generator | None = request.sampling.generator(index)
         self.detok = IncrementalDetokenizer(tokenizer, request.stop, request.include_stop_str_in_output)
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
@@ -105,7 +138,32 @@ class Sequence:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.finished_time: float | None = None
+        # prompt token logprobs so far (position 0 has none), while the request asks for them
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None if request.prompt_logprobs is None else [None]
+        self.prompt_logprobs_sent = False
+        self.new_logprobs: list[TokenLogprob] = []  # of tokens appended since the last output
+        self.cumulative_logprob = 0.0
 
+    @property
+    def wants_prompt_rows(self) -> bool:
+        """The logits of every prompt row are still needed (prompt logprobs not all computed)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.request.logprobs is not None
+
+    def fork(self, index: int, now: float) -> "Sequence":
+        """Sequence `index` of the same request at the end of this one's prompt (before its first token):
+        it shares the plan and the state of the prefill; the caller gives it KV blocks and its token."""
+        child = Sequence(self.request, self.plan, self.eos_ids, self.tokenizer, index)
+        child.token_ids = list(self.request.prompt_ids)
+        child.status = self.status
+        child.admitted_time = self.admitted_time
+        child.first_token_time = child.last_token_time = now
+        child.prompt_logprobs_sent = True  # the request's prompt logprobs travel with sequence 0
+        child.prompt_logprobs = None
+        return child
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt :]
@@ -129,9 +187,12 @@ class Sequence:
         self.num_computed = 0
         self.num_preemptions += 1
 
-    def append_token(self, token: int, now: float) -> None:
+    def append_token(self, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         """Add a sampled token; finish the sequence on a stop id, a stop string or the length limit."""
         self.token_ids.append(token)
+        if logprob is not None:
+            self.new_logprobs.append(logprob)
+            self.cumulative_logprob += logprob.logprob
         if self.first_token_time is None:
             self.first_token_time = now
         self.last_token_time = now
@@ -153,7 +214,7 @@ class Sequence:
         self.finished_time = time.monotonic() if now is None else now
 
     def make_output(self, new_ids: list[int], precision: str) -> RequestOutput:
-        return RequestOutput(
+        out = RequestOutput(
             request_id=self.request_id,
             new_token_ids=new_ids,
             delta_text=self.detok.take(self.is_finished),
@@ -163,4 +224,12 @@ class Sequence:
             finished=self.is_finished,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
+            index=self.index,
         )
+        if self.wants_logprobs:
+            out.logprobs, self.new_logprobs = self.new_logprobs, []
+            out.cumulative_logprob = self.cumulative_logprob
+        if self.prompt_logprobs is not None and not self.prompt_logprobs_sent and not self.wants_prompt_rows:
+            out.prompt_logprobs = self.prompt_logprobs
+            self.prompt_logprobs_sent = True
+        return out

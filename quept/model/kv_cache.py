@@ -43,6 +43,11 @@ class KVCache:
         num_blocks = max(1, budget_bytes // per_block)
         return cls(n_layers, n_kv_heads, head_dim, int(num_blocks), block_size, dtype, device)
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block `src`'s K and V (every layer) into block `dst`."""
+        self.k_cache[:, dst] = self.k_cache[:, src]
+        self.v_cache[:, dst] = self.v_cache[:, src]
+
     def slots(self, block_table: Sequence[int], start: int, end: int) -> torch.Tensor:
         """Flat slot ids of token positions [start, end) of a sequence with this block table."""
         if end > len(block_table) * self.block_size:

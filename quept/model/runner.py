@@ -33,6 +33,7 @@ class SeqRows:
     block_table: Sequence[int]  # its KV blocks, already holding context_before + len(token_ids) slots
     plan: PrecisionPlan
     samples: bool = True  # the last row's logits are wanted (the next token is sampled from them)
+    all_rows: bool = False  # every row's logits are wanted (scoring the prompt: its logprobs)
 
     @property
     def num_rows(self) -> int:
@@ -67,18 +68,22 @@ class ModelRunner:
         return cls(model, cache), contiguous_tables(n_seqs, tokens_each, block_size)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        """Logits [L, V]: one row per sampling sequence (in batch order), or every row with `all_logits`."""
+        """Logits [L, V] in batch order: per sequence every row with `all_rows` (or `batch.all_logits`),
+        else its last row if it samples, else none."""
         tokens: list[int] = []
         positions: list[int] = []
         logits_rows: list[int] = []
         for s in batch.seqs:
+            first = len(tokens)
             tokens.extend(s.token_ids)
             positions.extend(range(s.context_before, s.context_before + s.num_rows))
-            if s.samples:
+            if s.all_rows:
+                logits_rows.extend(range(first, len(tokens)))
+            elif s.samples:
                 logits_rows.append(len(tokens) - 1)
         layout = build_layout(self.cache, [(s.block_table, s.context_before, s.num_rows) for s in batch.seqs])
         rows = [s.num_rows for s in batch.seqs]
-        head_rows = None if batch.all_logits else [int(s.samples) for s in batch.seqs]
+        head_rows = None if batch.all_logits else [s.num_rows if s.all_rows else int(s.samples) for s in batch.seqs]
         widths = step_widths([s.plan for s in batch.seqs], rows, self.model.n_linears, head_rows)
         select = None if batch.all_logits else torch.tensor(logits_rows, dtype=torch.int64)
         return self.model(torch.tensor(tokens, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),

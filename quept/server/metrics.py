@@ -6,6 +6,9 @@ Deployment (dashboards, autoscaling) depends on these exact names:
     quept:num_requests_waiting                  gauge    requests waiting for admission
     quept:kv_cache_usage_perc                   gauge    KV-cache blocks in use, 0..1 (1 = 100 %)
     quept:prompt_tokens_total                   counter  prompt tokens admitted
+    quept:prefill_tokens_total                  counter  prompt rows run through the model (the n completions
+                                                         of one request share one prefill; a recompute after
+                                                         preemption runs its rows again)
     quept:generation_tokens_total{precision}    counter  generated tokens, by the plan that produced them
     quept:time_to_first_token_seconds           histogram
     quept:inter_token_latency_seconds           histogram
@@ -53,6 +56,7 @@ class ServerMetrics(EngineObserver):
         self.num_waiting = Gauge(f"{p}num_requests_waiting", "Number of requests waiting to be admitted.", registry=r)
         self.kv_usage = Gauge(f"{p}kv_cache_usage_perc", "KV-cache usage, 0..1 (1 means 100 percent).", registry=r)
         self.prompt_tokens = Counter(f"{p}prompt_tokens", "Prompt tokens admitted.", registry=r)
+        self.prefill_tokens = Counter(f"{p}prefill_tokens", "Prompt rows run through the model.", registry=r)
         self.generation_tokens = Counter(f"{p}generation_tokens", "Generated tokens by precision.", ["precision"], registry=r)
         self.ttft = Histogram(f"{p}time_to_first_token_seconds", "Time to first token.", buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram(f"{p}inter_token_latency_seconds", "Inter-token latency.", buckets=ITL_BUCKETS, registry=r)
@@ -118,6 +122,9 @@ class ServerMetrics(EngineObserver):
         if self._width_shares is not None:
             for bits, share in self._width_shares(plan).items():
                 self.width_tokens.labels(width=str(bits)).inc(count * share)
+
+    def on_prefill(self, rows: int) -> None:
+        self.prefill_tokens.inc(rows)
 
     def on_first_token(self, seq: Sequence, ttft_s: float) -> None:
         self.ttft.observe(ttft_s)

@@ -35,3 +35,38 @@ def test_out_of_blocks_is_refused_without_side_effects() -> None:
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="num_blocks"):
         BlockManager(0, 4)
+
+
+def test_fork_shares_full_blocks_and_copies_a_partial_one():
+    bm = BlockManager(8, 4)
+    parent = SequenceBlocks()
+    bm.reserve(parent, 10)  # blocks: full, full, partial (2 of 4)
+    child, copy = bm.fork(parent)
+    assert child.block_table[:2] == parent.block_table[:2] and child.num_tokens == 10
+    assert copy == (parent.block_table[2], child.block_table[2]) and child.block_table[2] not in parent.block_table
+    assert bm.num_free_blocks == 8 - 4
+    bm.free(parent)  # the shared blocks stay with the child
+    assert bm.num_free_blocks == 8 - 3
+    bm.free(child)
+    assert bm.num_free_blocks == 8 and bm.usage == 0.0
+
+
+def test_fork_of_whole_blocks_needs_no_free_block():
+    bm = BlockManager(2, 4)
+    parent = SequenceBlocks()
+    bm.reserve(parent, 8)
+    assert bm.num_free_blocks == 0
+    child, copy = bm.fork(parent)
+    assert copy is None and child.block_table == parent.block_table
+    bm.free(child)
+    bm.free(parent)
+    assert bm.num_free_blocks == 2
+
+
+def test_fork_with_a_partial_block_and_no_free_block_is_refused():
+    bm = BlockManager(3, 4)
+    parent = SequenceBlocks()
+    bm.reserve(parent, 6)
+    bm.reserve(SequenceBlocks(), 4)
+    assert bm.fork(parent) is None
+    assert bm.num_free_blocks == 0  # a refused fork takes nothing

@@ -152,10 +152,10 @@ def test_abort_frees_blocks_at_once(lm):
     for _ in range(3):
         eng.step()
     used = eng.blocks.num_blocks - eng.blocks.num_free_blocks
-    out = eng.abort("a")
-    assert out is not None and out.finished and out.finish_reason is FinishReason.ABORT
+    [out] = eng.abort("a")
+    assert out.finished and out.request_finished and out.finish_reason is FinishReason.ABORT
     assert eng.blocks.num_blocks - eng.blocks.num_free_blocks < used
-    assert eng.abort("a") is None
+    assert eng.abort("a") == []
     eng.abort("b")
     assert eng.blocks.usage == 0.0 and not eng.has_unfinished()
 
@@ -179,8 +179,8 @@ def test_context_limits_are_refused(lm):
     small = engine(lm, kv=1 << 14, block_size=4)  # a handful of blocks
     with pytest.raises(ContextLengthError, match="KV blocks"):
         small.make_sequence(request(lm, "y", ids, 8, 200))
-    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
-        request(lm, "z", ids, 8, 0)
+    with pytest.raises(ValueError, match="max_tokens must be >= 0"):
+        request(lm, "z", ids, 8, -1)
     with pytest.raises(ValueError, match="max_model_len"):
         engine(lm, max_model_len=10**6)
 
