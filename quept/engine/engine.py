@@ -365,9 +365,10 @@ class LLMEngine:
                 outputs.append(self._output(seq, [], plan))
                 continue
             last = seq.last_token_time
+            siblings: list[tuple[Sequence, int]] = []
             if last is None and seq.request.n > 1 and seq.index == 0:
-                outputs.extend(self._fork(seq, step.logits[step.last(i)], plan, now))
-                per_plan[plan] = per_plan.get(plan, 0) + seq.request.n - 1
+                siblings = self._fork(seq, step.logits[step.last(i)], now)
+                per_plan[plan] = per_plan.get(plan, 0) + len(siblings)
             top = seq.request.logprobs
             logprob = None if top is None else token_logprob(step.logits[step.last(i)], token, top)
             seq.append_token(token, now, logprob)
@@ -378,6 +379,7 @@ class LLMEngine:
                 itls.append(now - last)
                 self.observer.on_inter_token(seq, now - last)
             outputs.append(self._output(seq, [token], plan))
+            outputs.extend(self._output(child, [t], plan) for child, t in siblings)  # after the prompt logprobs
         if prefill_rows:
             self.observer.on_prefill(prefill_rows)
         for plan, count in per_plan.items():
@@ -414,15 +416,16 @@ class LLMEngine:
             top = seq.request.prompt_logprobs or 0
             known.extend(prompt_logprobs(logits[lo - start : hi - start], seq.token_ids[lo + 1 : hi + 1], top))
 
-    def _fork(self, parent: Sequence, logits: torch.Tensor, plan: PrecisionPlan, now: float) -> list[RequestOutput]:
+    def _fork(self, parent: Sequence, logits: torch.Tensor, now: float) -> list[tuple[Sequence, int]]:
         """Sequences 1 … n-1 of `parent`'s request, at the end of its prefill: each samples its first
         token from the same logits [V] with its own random stream and shares the prompt's full KV
         blocks (a partially filled last block is copied). One without a free block for that copy
-        recomputes the prompt when the scheduler admits it."""
+        recomputes the prompt when the scheduler admits it. Returns the siblings and their first tokens
+        (the caller makes their outputs after the parent's, which carries the prompt logprobs)."""
         group = self._seqs[parent.request_id]
         params = parent.request.sampling
         top = parent.request.logprobs
-        outs = []
+        outs: list[tuple[Sequence, int]] = []
         for index in range(1, parent.request.n):
             child = parent.fork(index, now)
             token = sample(logits, params, child.generator)
@@ -437,7 +440,7 @@ class LLMEngine:
                 self.scheduler.add_running(child)
             group.append(child)
             child.append_token(token, now, None if top is None else token_logprob(logits, token, top))
-            outs.append(self._output(child, [token], plan))
+            outs.append((child, token))
         return outs
 
     def run_to_completion(self) -> dict[str, list[RequestOutput]]:

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API (docs/architecture.md §5) over the async engine.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (SSE streaming ending with
-`data: [DONE]`), GET /v1/models (with `NAME@wB` aliases), GET /v1/precisions, GET /health,
-GET /metrics, GET /version.
+`data: [DONE]`; `quept.server.serving` answers both), GET /v1/models (with `NAME@wB` aliases),
+GET /v1/precisions, POST /tokenize, POST /detokenize, GET /tokenizer_info (vLLM's shapes, what
+lm-evaluation-harness reads), GET /health, GET /metrics, GET /version.
 
 Precision of a request, first match wins:
     1. header `X-Precision: <spec>`
@@ -18,54 +19,26 @@ import asyncio
 import hmac
 import json
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quept.engine.async_engine import EngineFailedError, EngineStoppedError, QueueFullError, RequestStream
-from quept.engine.sampler import SamplingParams
-from quept.engine.sequence import GenerationRequest, RequestOutput
-from quept.errors import ContextLengthError, PrecisionError
+from quept.errors import PrecisionError
 from quept.precision.spec import PrecisionSpec
 from quept.server import protocol as P
+from quept.server.errors import APIError
+from quept.server.serving import Prompt, serve
 from quept.server.settings import Settings
 from quept.server.state import ServerState, Status
+from quept.server.tokens import TOKENIZER_PATHS, add_tokenizer_routes, chat_ids
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
-
-
-class APIError(Exception):
-    """An error answered with the OpenAI error body."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(P.error_body(self.message, self.type, self.param, self.code), self.status, self.headers)
-
-
-class AbortingStreamingResponse(StreamingResponse):
-    """A streaming response that aborts its request however the stream ends (done, error, client gone)."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
 
 
 DOC_PATHS = ("/openapi.json", "/docs", "/redoc")
@@ -101,7 +74,7 @@ def gate_error(state: ServerState, authorization: str | None, x_api_key: str | N
 
 
 class GateMiddleware:
-    """Pure ASGI middleware in front of every route. For `/v1/*`: the API key and the life cycle
+    """Pure ASGI middleware in front of every route. For `/v1/*` and the tokenizer routes: the API key and the life cycle
     (`gate_error`), then the body, read here at most `max_request_bytes` (413 past that, before the
     rest arrives) and handed on as JSON whatever its Content-Type says (as llama.cpp's server reads it).
     The schema pages need the key too when one is set."""
@@ -117,11 +90,12 @@ class GateMiddleware:
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            if path.startswith("/v1/"):
+            api = path.startswith("/v1/") or path in TOKENIZER_PATHS
+            if api:
                 gate_error(self.state, headers.get("authorization"), headers.get("x-api-key"))
             elif path in DOC_PATHS:
                 check_key(self.state, headers.get("authorization"), headers.get("x-api-key"))
-            if path.startswith("/v1/") and scope["method"] == "POST":
+            if api and scope["method"] == "POST":
                 body = await self._read_body(headers, receive)
                 if body is None:
                     return  # the client went away while sending
@@ -227,40 +201,33 @@ def create_app(settings: Settings, loaded: Any = None) -> FastAPI:
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         check(request)
         _check_body(body)
+        spec = _resolve_spec(state, request, body)
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise APIError(400, f"{len(prompt)} prompts in one request are not supported; send one per request",
-                               param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, list):
-            ids = list(prompt)
-        else:
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]  # type: ignore[list-item]
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        texts = [p for p in prompt if isinstance(p, str)]
+        if texts:
             tok = state.loaded.tokenizer
-            ids = await state.off_loop(lambda: list(tok(prompt)["input_ids"]))
-        return await _serve(state, request, body, ids, chat=False)
+            encoded = iter(await state.off_loop(lambda: [list(tok(t)["input_ids"]) for t in texts]))
+            prompts = [Prompt(next(encoded), p) if isinstance(p, str) else Prompt(list(p)) for p in prompt]
+        else:
+            prompts = [Prompt(list(p)) for p in prompt]  # type: ignore[arg-type]
+        return await serve(state, request, body, prompts, False, spec)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         check(request)
         _check_body(body)
+        spec = _resolve_spec(state, request, body)
         if not body.messages:
             raise APIError(400, "messages must contain at least one message", param="messages")
         tok = state.loaded.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        ids = await state.off_loop(lambda: chat_ids(tok, body.messages, body.add_generation_prompt))
+        return await serve(state, request, body, [Prompt(ids)], True, spec)
 
-        def template_and_tokenize() -> list[int]:
-            try:
-                text = tok.apply_chat_template(msgs, add_generation_prompt=body.add_generation_prompt, tokenize=False)
-            except Exception as err:  # jinja errors of the model's own template (e.g. role order it refuses)
-                raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from None
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-
-        ids = await state.off_loop(template_and_tokenize)
-        return await _serve(state, request, body, ids, chat=True)
-
+    add_tokenizer_routes(app, state, check)
     return app
 
 
@@ -297,9 +264,10 @@ def _check_body(body: P.SamplingFields) -> None:
     if where:
         raise APIError(400, f"{where}: the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid "
                             "Unicode", param=where, code="invalid_value")
-    problem = body.unsupported()
-    if problem:
-        raise APIError(400, problem, code="unsupported")
+    try:
+        body.check()
+    except P.Unsupported as err:
+        raise APIError(400, str(err), param=err.param, code="unsupported") from None
 
 
 def _profile_names(lm: Any) -> list[str]:
@@ -354,141 +322,3 @@ def _resolve_spec(state: ServerState, request: Request, body: P.SamplingFields) 
             except PrecisionError as err:
                 raise APIError(400, str(err), param=param, code="invalid_precision") from None
     return None
-
-
-def _build_request(state: ServerState, body: P.SamplingFields, ids: list[int], chat: bool,
-                   spec: PrecisionSpec | None, request_id: str, arrival: float) -> GenerationRequest:
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="messages" if chat else "prompt")
-    max_tokens = getattr(body, "max_completion_tokens", None)
-    param = "max_completion_tokens"
-    if max_tokens is None:  # chat: max_completion_tokens wins over the older max_tokens when both are set
-        max_tokens, param = body.max_tokens, "max_tokens"  # type: ignore[attr-defined]
-    if max_tokens is None:
-        max_tokens = max(1, state.max_model_len - len(ids))
-    if max_tokens < 1:
-        raise APIError(400, f"{param} must be at least 1, got {max_tokens}", param=param)
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    top_k = body.top_k if body.top_k and body.top_k > 0 else 0
-    try:
-        params = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
-                                top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, seed=body.seed)
-        return GenerationRequest(
-            request_id=request_id, prompt_ids=tuple(ids), max_tokens=max_tokens, sampling=params, spec=spec,
-            stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-            min_tokens=min(body.min_tokens, max_tokens), include_stop_str_in_output=body.include_stop_str_in_output,
-            arrival_time=arrival)
-    except ValueError as err:
-        raise APIError(400, str(err)) from None
-
-
-async def _serve(state: ServerState, request: Request, body: P.SamplingFields, ids: list[int], chat: bool) -> Response:
-    arrival = time.monotonic()
-    spec = _resolve_spec(state, request, body)
-    rid = P.new_id("chatcmpl" if chat else "cmpl")
-    req = _build_request(state, body, ids, chat, spec, rid, arrival)
-    engine = state.engine
-    assert engine is not None
-    try:
-        stream = engine.submit(req)
-    except ContextLengthError as err:
-        raise APIError(400, str(err), param="messages" if chat else "prompt", code="context_length_exceeded") from None
-    except PrecisionError as err:
-        raise APIError(400, str(err), param="precision", code="invalid_precision") from None
-    except QueueFullError as err:
-        state.metrics.rejected.labels(reason="queue_full").inc()
-        raise APIError(429, str(err), "rate_limit_error", None, "queue_full",
-                       {"Retry-After": str(err.retry_after_s)}) from None
-    except EngineStoppedError as err:
-        raise APIError(503, str(err), "service_unavailable", None, "draining") from None
-    except ValueError as err:
-        raise APIError(400, str(err)) from None
-    headers = {"X-Precision": stream.precision, "X-Request-Id": rid}
-    model = body.model or state.model_name
-    if body.stream:
-        opts = body.stream_options or P.StreamOptions()
-        gen = _sse(stream, rid, model, chat, opts)
-        return AbortingStreamingResponse(gen, stream.abort, media_type="text/event-stream",
-                                         headers={**headers, "Cache-Control": "no-cache"})
-    result = await _until_disconnect(request, _collect(stream), stream)
-    if result is None:
-        return Response(status_code=499)
-    text, last = result
-    build = P.chat_response if chat else P.completion_response
-    reason = last.finish_reason.value if last.finish_reason else None
-    return JSONResponse(build(rid, model, text, reason, last.stop_reason, last.num_prompt_tokens,
-                              last.num_output_tokens, stream.precision), headers=headers)
-
-
-async def _collect(stream: RequestStream) -> tuple[str, RequestOutput]:
-    parts: list[str] = []
-    last: RequestOutput | None = None
-    try:
-        async for out in stream:
-            parts.append(out.delta_text)
-            last = out
-    except EngineFailedError as err:
-        raise _failed(err) from None
-    assert last is not None
-    return "".join(parts), last
-
-
-async def _until_disconnect(request: Request, work: Awaitable[Any], stream: RequestStream) -> Any:
-    """Await `work`, aborting the request (KV blocks freed) if the client disconnects first; None then."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    stream.abort()
-    log.info("client went away; aborted %s", stream.request_id)
-    return None
-
-
-def _failed(err: EngineFailedError) -> APIError:
-    """500 when the engine failed the request; 503 when the server cut it short (a drain ran out)."""
-    if err.code == "drain_timeout":
-        return APIError(503, str(err), "service_unavailable", None, err.code)
-    return APIError(500, str(err), "server_error", None, err.code)
-
-
-def _sse_data(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-async def _sse(stream: RequestStream, rid: str, model: str, chat: bool, opts: P.StreamOptions) -> AsyncIterator[str]:
-    created = P.now_s()
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    prompt_n, out_n = stream.num_prompt_tokens, 0
-    if chat:
-        yield _sse_data(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, precision=stream.precision))
-    try:
-        async for out in stream:
-            out_n = out.num_output_tokens
-            if not out.delta_text and not out.finished:
-                continue
-            reason = out.finish_reason.value if out.finished and out.finish_reason else None
-            stop_reason = out.stop_reason if out.finished else None
-            if chat:
-                delta = {"content": out.delta_text} if out.delta_text else {}
-                chunk = P.chat_chunk(rid, created, model, delta, reason, stop_reason, out.precision)
-            else:
-                chunk = P.completion_chunk(rid, created, model, out.delta_text, reason, stop_reason, out.precision)
-            if opts.continuous_usage_stats:
-                chunk["usage"] = P.usage(prompt_n, out_n)
-            yield _sse_data(chunk)
-    except EngineFailedError as err:
-        e = _failed(err)
-        yield _sse_data(P.error_body(e.message, e.type, None, e.code))
-    if opts.include_usage:
-        yield _sse_data(P.usage_chunk(rid, created, model, obj, prompt_n, out_n))
-    yield "data: [DONE]\n\n"

@@ -2,8 +2,8 @@
 
 Request fields follow the OpenAI API plus vLLM's extensions (`top_k`, `stop_token_ids`,
 `ignore_eos`, `min_tokens`, `include_stop_str_in_output`) and ours (`precision`). Unknown fields
-are ignored, as vLLM does. Fields we do not implement (`logprobs`, `echo`, `n > 1`, penalties,
-`logit_bias`, tools) are refused with a 400 that names them rather than silently ignored.
+are ignored, as vLLM does. Fields we do not implement (penalties, `logit_bias`, `suffix`, tools,
+`echo` in chat) are refused with a 400 that names them rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -15,6 +15,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 STRICT = ConfigDict(strict=True, extra="ignore")
+MAX_LOGPROBS = 20  # alternatives per token (`logprobs`, `top_logprobs`), as OpenAI allows
+
+
+class Unsupported(ValueError):
+    """A request asks for something this server does not do; `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class StreamOptions(BaseModel):
@@ -34,7 +43,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what a 64-bit generator seed holds
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1)  # the server's --max-n caps it
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
@@ -47,37 +56,45 @@ class SamplingFields(BaseModel):
     user: str | None = None
     precision: str | None = None  # quept: precision spec (w8..w2, mixed:X, auto[;min=wA;max=wB])
 
-    def unsupported(self) -> str | None:
-        """Name of the first requested feature this server does not implement, else None."""
+    def check(self) -> None:
+        """Raise `Unsupported` for the first requested feature this server does not implement."""
         if self.stream_options is not None and not self.stream:
-            return "stream_options can only be set when stream is true"
-        if self.n != 1:
-            return f"n={self.n} is not supported (only n=1)"
-        if self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0:
-            return "presence_penalty, frequency_penalty and repetition_penalty are not supported (leave them at 0/0/1)"
+            raise Unsupported("stream_options can only be set when stream is true", "stream_options")
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+            if getattr(self, name) != neutral:
+                raise Unsupported(f"{name} is not supported (leave presence and frequency penalties at 0 and "
+                                  "repetition_penalty at 1)", name)
         if self.logit_bias:
-            return "logit_bias is not supported"
+            raise Unsupported("logit_bias is not supported", "logit_bias")
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        """Alternatives per generated token the response carries; None: no logprobs."""
         return None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    echo: bool = False
+    max_tokens: int | None = 16  # 0 with echo: score the prompt only
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False  # the prompt (and with logprobs its tokens' logprobs) before the completion
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1)  # sample best_of, return the n of highest cumulative logprob
 
-    def unsupported(self) -> str | None:
-        if self.logprobs is not None:
-            return "logprobs is not supported"
-        if self.echo:
-            return "echo is not supported"
+    def check(self) -> None:
         if self.suffix:
-            return "suffix is not supported"
-        if self.best_of not in (None, 1):
-            return f"best_of={self.best_of} is not supported (only 1)"
-        return super().unsupported()
+            raise Unsupported("suffix is not supported", "suffix")
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise Unsupported(f"best_of ({self.best_of}) must be >= n ({self.n})", "best_of")
+            if self.stream and self.best_of > self.n:
+                raise Unsupported("best_of > n cannot stream (the best completions are known only at the end)",
+                                  "best_of")
+        super().check()
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -105,20 +122,44 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token, with logprobs
+    echo: bool = False  # vLLM's chat extension; refused
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
-    def unsupported(self) -> str | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs is not supported"
+    def check(self) -> None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise Unsupported("top_logprobs needs logprobs: true", "top_logprobs")
+        if self.echo:
+            raise Unsupported("echo is not supported in chat completions (use /v1/completions with echo)", "echo")
         if self.tools:
-            return "tools are not supported"
+            raise Unsupported("tools are not supported", "tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            return f"response_format {self.response_format.get('type')!r} is not supported (only text)"
-        return super().unsupported()
+            raise Unsupported(f"response_format {self.response_format.get('type')!r} is not supported (only text)",
+                              "response_format")
+        super().check()
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = STRICT
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = STRICT
+    model: str | None = None
+    tokens: list[int]
 
 
 def lone_surrogate(value: Any, where: str) -> str | None:
@@ -159,41 +200,33 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_response(rid: str, model: str, text: str, finish: str | None, stop_reason: Any,
-                        prompt: int, completion: int, precision: str) -> dict[str, Any]:
-    return {
-        "id": rid, "object": "text_completion", "created": now_s(), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason}],
-        "usage": usage(prompt, completion), "precision": precision,
-    }
+def completion_choice(index: int, text: str, logprobs: dict[str, Any] | None = None, finish: str | None = None,
+                      stop_reason: Any = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
 
 
-def completion_chunk(rid: str, created: int, model: str, text: str, finish: str | None = None,
-                     stop_reason: Any = None, precision: str | None = None) -> dict[str, Any]:
-    return {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason}],
-        "precision": precision,
-    }
+def chat_choice(index: int, text: str, logprobs: dict[str, Any] | None = None, finish: str | None = None,
+                stop_reason: Any = None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish, "stop_reason": stop_reason}
 
 
-def chat_response(rid: str, model: str, text: str, finish: str | None, stop_reason: Any,
-                  prompt: int, completion: int, precision: str) -> dict[str, Any]:
-    return {
-        "id": rid, "object": "chat.completion", "created": now_s(), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": finish, "stop_reason": stop_reason}],
-        "usage": usage(prompt, completion), "precision": precision,
-    }
+def chat_delta_choice(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None,
+                      finish: str | None = None, stop_reason: Any = None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
 
 
-def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None,
-               stop_reason: Any = None, precision: str | None = None) -> dict[str, Any]:
-    return {
-        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason}],
-        "precision": precision,
-    }
+def response(rid: str, model: str, chat: bool, choices: list[dict[str, Any]], prompt: int, completion: int,
+             precision: str) -> dict[str, Any]:
+    """A whole (non-streamed) completion or chat completion."""
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now_s(), "model": model,
+            "choices": choices, "usage": usage(prompt, completion), "precision": precision}
+
+
+def chunk(rid: str, created: int, model: str, chat: bool, choice: dict[str, Any], precision: str | None) -> dict[str, Any]:
+    """One streamed chunk holding one choice's delta."""
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice], "precision": precision}
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, prompt: int, completion: int) -> dict[str, Any]:

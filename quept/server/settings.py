@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0)
     """Requests allowed to wait beyond the `max_batch` running ones; more get 429 with Retry-After."""
 
+    max_n: int = Field(16, ge=1)
+    """Most completions one request may ask for (`n`, `best_of`); they share the prompt's prefill."""
+
     max_model_len: int | None = Field(None, ge=1)
     """Context limit for prompt + max_tokens (default: the model's own context)."""
 

@@ -23,6 +23,7 @@ from quept.engine.async_engine import AsyncEngine
 from quept.engine.engine import EngineConfig, LLMEngine
 from quept.engine.sequence import GenerationRequest
 from quept.policies import make_controller
+from quept.server.logprobs import TokenStrings
 from quept.server.metrics import ServerMetrics
 from quept.server.settings import Settings
 
@@ -89,6 +90,11 @@ class ServerState:
     async def off_loop(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the text-work thread and await its result (its exceptions propagate)."""
         return await asyncio.get_running_loop().run_in_executor(self._text_work, fn)
+
+    @functools.cached_property
+    def token_strings(self) -> TokenStrings:
+        """Single tokens' text, memoized (logprobs name their tokens with it)."""
+        return TokenStrings(self.loaded.tokenizer)
 
     @property
     def ready(self) -> bool:

@@ -25,6 +25,7 @@ ROWS: list[tuple[str, str, Any, dict[str, str], int, str | None, tuple[str, ...]
     ("mixed without profiles", CMPL, {**OK_CMPL, "precision": "mixed:3.5"}, {}, 400, "invalid_precision", ("mixed:3.5",)),
     ("negative max_tokens", CMPL, {**OK_CMPL, "max_tokens": -1}, {}, 400, None, ("max_tokens", "-1")),
     ("zero max_tokens", CHAT, {**OK_CHAT, "max_tokens": 0}, {}, 400, None, ("max_tokens",)),
+    ("zero max_tokens without echo", CMPL, {**OK_CMPL, "max_tokens": 0}, {}, 400, None, ("max_tokens", "echo")),
     ("huge max_tokens", CMPL, {**OK_CMPL, "max_tokens": 10**9}, {}, 400, "context_length_exceeded", ("256",)),
     ("max_tokens of wrong type", CMPL, {**OK_CMPL, "max_tokens": "many"}, {}, 400, "invalid_value", ("max_tokens",)),
     ("temperature of wrong type", CHAT, {**OK_CHAT, "temperature": "hot"}, {}, 400, "invalid_value", ("temperature",)),
@@ -40,10 +41,8 @@ ROWS: list[tuple[str, str, Any, dict[str, str], int, str | None, tuple[str, ...]
     ("empty prompt", CMPL, {**OK_CMPL, "prompt": ""}, {}, 400, None, ("empty",)),
     ("token id outside the vocabulary", CMPL, {**OK_CMPL, "prompt": [1, 99999]}, {}, 400, None, ("99999",)),
     ("unknown model", CMPL, {**OK_CMPL, "model": "gpt-4"}, {}, 404, "model_not_found", ("gpt-4",)),
-    ("n > 1", CMPL, {**OK_CMPL, "n": 2}, {}, 400, "unsupported", ("n=2",)),
     ("stream_options without stream", CMPL, {**OK_CMPL, "stream_options": {"include_usage": True}}, {}, 400,
      "unsupported", ("stream_options",)),
-    ("logprobs", CHAT, {**OK_CHAT, "logprobs": True}, {}, 400, "unsupported", ("logprobs",)),
     ("prompt over the context", CMPL, {**OK_CMPL, "prompt": LONG_PROMPT}, {}, 400, "context_length_exceeded",
      ("context",)),
     ("chat over the context", CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": LONG_PROMPT}]}, {}, 400,
@@ -63,6 +62,28 @@ ROWS: list[tuple[str, str, Any, dict[str, str], int, str | None, tuple[str, ...]
     ("seed over 64 bits", CMPL, {**OK_CMPL, "seed": 2**70}, {}, 400, "invalid_value", ("seed",)),
     ("very long precision", CMPL, OK_CMPL, {"X-Precision": "w" * 10_000}, 400, "invalid_precision",
      ("10000 characters",)),
+]
+
+
+# name, path, body, the field the 400 must name
+FIELD_ROWS: list[tuple[str, str, dict[str, Any], str]] = [
+    ("logprobs over 20", CMPL, {**OK_CMPL, "logprobs": 21}, "logprobs"),
+    ("negative logprobs", CMPL, {**OK_CMPL, "logprobs": -1}, "logprobs"),
+    ("logprobs of wrong type", CMPL, {**OK_CMPL, "logprobs": True}, "logprobs"),
+    ("top_logprobs over 20", CHAT, {**OK_CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("top_logprobs without logprobs", CHAT, {**OK_CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("n over the limit", CMPL, {**OK_CMPL, "n": 17}, "n"),
+    ("n zero", CHAT, {**OK_CHAT, "n": 0}, "n"),
+    ("best_of below n", CMPL, {**OK_CMPL, "n": 3, "best_of": 2}, "best_of"),
+    ("best_of over the limit", CMPL, {**OK_CMPL, "best_of": 40}, "best_of"),
+    ("best_of streaming", CMPL, {**OK_CMPL, "best_of": 2, "stream": True}, "best_of"),
+    ("echo in chat", CHAT, {**OK_CHAT, "echo": True}, "echo"),
+    ("echo in streaming chat", CHAT, {**OK_CHAT, "echo": True, "stream": True}, "echo"),
+    ("scoring with n > 1", CMPL, {**OK_CMPL, "max_tokens": 0, "echo": True, "n": 2}, "n"),
+    ("suffix", CMPL, {**OK_CMPL, "suffix": "x"}, "suffix"),
+    ("penalty", CHAT, {**OK_CHAT, "presence_penalty": 0.5}, "presence_penalty"),
+    ("an empty prompt in a batch", CMPL, {**OK_CMPL, "prompt": ["hello", ""]}, "prompt"),
+    ("too many prompts", CMPL, {**OK_CMPL, "prompt": ["a"] * 500}, "prompt"),
 ]
 
 
@@ -92,6 +113,16 @@ def test_bad_input(http: httpx.Client, row) -> None:
     assert len(err["message"]) < 400, "an error quotes at most a short piece of what was sent"
     ok = http.post(CHAT if path == CHAT else CMPL, json=OK_CHAT if path == CHAT else OK_CMPL, headers=AUTH)
     assert ok.status_code == 200, ok.text  # still serving
+
+
+@pytest.mark.parametrize("row", FIELD_ROWS, ids=[r[0] for r in FIELD_ROWS])
+def test_bad_logprobs_n_echo_name_the_field(http: httpx.Client, row) -> None:
+    _, path, body, field = row
+    r = http.post(path, json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and field in err["message"], err
+    assert http.post(path, json=OK_CHAT if path == CHAT else OK_CMPL, headers=AUTH).status_code == 200
 
 
 def test_unknown_route_and_method(http: httpx.Client) -> None:
