@@ -4,7 +4,8 @@ The engine hands back `TokenLogprob`s (token id, logprob, the top alternatives a
 completions shape is `{tokens, token_logprobs, top_logprobs, text_offset}`: parallel lists over the
 choice's tokens, `top_logprobs[i]` a dict token string -> logprob holding the top alternatives and
 the token itself (as vLLM does: lm-evaluation-harness reads a token as greedy when its logprob is the
-dict's maximum; ids that decode to the same text share a key, the token's own value wins), `text_offset[i]` where token i's text starts in the choice's text, an echoed prompt's
+dict's maximum; ids that decode to the same text share a key holding the likeliest one's logprob, so
+a token that was not the most likely never reads as greedy), `text_offset[i]` where token i's text starts in the choice's text, an echoed prompt's
 first token `null` throughout. The chat shape is `{"content": [{token, logprob, bytes,
 top_logprobs: [{token, logprob, bytes}, ...]}]}` with exactly `top_logprobs` alternatives.
 Token strings are each token decoded alone, memoized per id.
@@ -59,7 +60,7 @@ class CompletionLogprobs:
             top: dict[str, float] = {}
             for t, lp in entry.top:  # most likely first: ids of the same text keep the likeliest
                 top.setdefault(self.strings(t), lp)
-            top[text] = entry.logprob  # the token's own text holds the token's own logprob
+            top.setdefault(text, entry.logprob)  # the token itself, when its text is not there yet
             self.top_logprobs.append(top)
 
     def take(self) -> dict[str, Any]:
