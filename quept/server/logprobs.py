@@ -5,8 +5,8 @@ completions shape is `{tokens, token_logprobs, top_logprobs, text_offset}`: para
 choice's tokens, `top_logprobs[i]` a dict token string -> logprob holding the top alternatives and
 the token itself (as vLLM does: lm-evaluation-harness reads a token as greedy when its logprob is the
 dict's maximum; ids that decode to the same text share a key holding the likeliest one's logprob, so
-a token that was not the most likely never reads as greedy), `text_offset[i]` where token i's text starts in the choice's text, an echoed prompt's
-first token `null` throughout. The chat shape is `{"content": [{token, logprob, bytes,
+a token that was not the most likely never reads as greedy), `text_offset[i]` where token i's text
+starts in the choice's text, an echoed prompt's first token `null` throughout. The chat shape is `{"content": [{token, logprob, bytes,
 top_logprobs: [{token, logprob, bytes}, ...]}]}` with exactly `top_logprobs` alternatives.
 Token strings are each token decoded alone, memoized per id.
 """

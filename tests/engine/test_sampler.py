@@ -35,6 +35,13 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     assert draws(logits, SamplingParams(temperature=1.0, top_p=0.1)) == {0}  # the top token always stays
 
 
+@pytest.mark.parametrize("top_p", [5e-324, 1e-45, 1e-300])
+def test_a_top_p_below_float32_keeps_the_top_token(top_p: float) -> None:
+    """Found by the API fuzzer: top_p 5e-324 is 0 in float32 and cut every token (multinomial failed)."""
+    logits = torch.tensor([0.3, 2.0, 1.0])
+    assert draws(logits, SamplingParams(temperature=1.0, top_p=top_p), n=20) == {1}
+
+
 def test_low_temperature_sharpens() -> None:
     logits = torch.tensor([1.0, 0.0])
     hot = [sample(logits, SamplingParams(temperature=5.0), torch.Generator().manual_seed(s)) for s in range(300)]
