@@ -17,21 +17,7 @@ from quept.policies.base import PlanDecision
 from quept.policies.fixed import FixedPolicy
 from quept.precision.plan import PrecisionPlan
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a busy machine: OpenMP threads only add spin time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_ckpt: Path):
-    lm = load_model(tiny_ckpt, backend="torch")
-    lm.backend.max_cached_widths = len(lm.widths)
-    return lm
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = ["hello world", "The capital of France is", "quick brown fox jumps over the lazy dog"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,24 +10,10 @@ from quept.engine.engine import EngineConfig, EngineObserver, LLMEngine
 from quept.engine.sampler import SamplingParams
 from quept.engine.sequence import FinishReason, GenerationRequest
 from quept.eval.perplexity import window_nll
-from quept.model.loader import load_model
 from quept.model.runner import score_sequence
 from quept.precision.plan import PrecisionPlan
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_ckpt: Path):
-    lm = load_model(tiny_ckpt, backend="torch")
-    lm.backend.max_cached_widths = len(lm.widths)
-    return lm
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Prefill(EngineObserver):
