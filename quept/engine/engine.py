@@ -322,8 +322,10 @@ class LLMEngine:
             at += counts[-1]
         return StepLogits(self.runner.execute(StepBatch(rows)), offsets, counts)
 
-    def sample(self, batch: SchedulerOutput, step: StepLogits) -> list[int]:
-        """Next token per sampling sequence (greedy rows in one argmax, the rest one by one)."""
+    def sample(self, batch: SchedulerOutput, step: StepLogits) -> list[int | str]:
+        """Next token per sampling sequence (greedy rows in one argmax, the rest one by one); a
+        sequence whose draw fails (e.g. its logits are not finite) gets the error text instead, and
+        only it ends."""
         sampling = [s.seq for s in batch.scheduled if s.samples]
         if not sampling:
             return []
@@ -331,11 +333,15 @@ class LLMEngine:
         last = [step.last(i) for i, s in enumerate(batch.scheduled) if s.samples]
         if len(last) != logits.shape[0]:  # prompt rows are in the logits too: take each sequence's last
             logits = logits[torch.tensor(last, dtype=torch.int64)]
-        tokens = logits.argmax(-1).tolist()  # greedy for every row; replaced below where sampling
+        tokens: list[int | str] = logits.argmax(-1).tolist()  # greedy for every row; replaced where sampling
         for i, seq in enumerate(sampling):
             params = seq.request.sampling
             if params.temperature >= GREEDY_BELOW:
-                tokens[i] = sample(logits[i], params, seq.generator)
+                try:
+                    tokens[i] = sample(logits[i], params, seq.generator)
+                except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
+                    log.warning("sampling failed for %s: %s", seq.request_id, err)
+                    tokens[i] = f"sampling failed: {err}"
         ctl = self.controller
         if ctl is not None and ctl.needs_logits:
             for i, seq in enumerate(sampling):
@@ -343,7 +349,7 @@ class LLMEngine:
         return tokens
 
     def update(self, batch: SchedulerOutput, plans: list[PrecisionPlan], step: StepLogits,
-               tokens: list[int]) -> list[RequestOutput]:
+               tokens: list[int | str]) -> list[RequestOutput]:
         now = time.monotonic()
         outputs: list[RequestOutput] = []
         per_plan: dict[PrecisionPlan, int] = {}
@@ -360,6 +366,12 @@ class LLMEngine:
             if not s.samples:
                 continue
             token = next(it)
+            if isinstance(token, str):  # this sequence's draw failed: end it (and its request) with the error
+                seq.finish(FinishReason.ABORT, None, now)
+                out = self._output(seq, [], plan)
+                out.error = token
+                outputs.append(out)
+                continue
             if seq.request.max_tokens == 0:  # scoring only: the prompt's logprobs were the point
                 seq.finish(FinishReason.LENGTH, None, now)
                 outputs.append(self._output(seq, [], plan))

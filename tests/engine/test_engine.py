@@ -284,3 +284,27 @@ def test_small_batches_run_on_fewer_threads(lm, monkeypatch):
         assert torch.get_num_threads() == 1  # left as the last step set it (the engine thread's setting)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_failed_draw_ends_only_its_own_request(lm, monkeypatch):
+    """Sampling that raises (torch.multinomial on NaN probabilities) fails that request with an error;
+    the others in the same steps run to the end."""
+    import quept.engine.engine as engine_mod
+
+    real = engine_mod.sample
+
+    def flaky(logits, params, generator=None):
+        if params.top_k == 7:
+            raise RuntimeError("invalid multinomial distribution")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_mod, "sample", flaky)
+    eng = engine(lm)
+    eng.add_request(request(lm, "bad", ids_of(lm, 0), 8, 6, sampling=SamplingParams(temperature=1.0, top_k=7)))
+    eng.add_request(request(lm, "good", ids_of(lm, 1), 8, 6))
+    outs = eng.run_to_completion()
+    [bad] = outs["bad"]
+    assert bad.error and "sampling failed" in bad.error and bad.request_finished
+    assert bad.finish_reason is FinishReason.ABORT
+    assert tokens(outs["good"]) == reference(lm, ids_of(lm, 1), 8, 6)
+    assert eng.blocks.usage == 0.0
