@@ -24,7 +24,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_bench import free_port, wait_ready  # noqa: E402
+from serve_bench import free_port, spawn_server, wait_ready  # noqa: E402
 
 
 def main() -> int:
@@ -52,10 +52,7 @@ def main() -> int:
         evaluated = json.loads(eval_json.read_text())["rows"]
         log_path = Path(d) / "serve.log"
         port = free_port()
-        with log_path.open("w") as log:
-            server = subprocess.Popen([sys.executable, "-m", "quept.cli", "serve", "--checkpoint", str(args.checkpoint),
-                                       "--port", str(port), "--backend", "native", "--log-level", "warning"],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = spawn_server(["--checkpoint", str(args.checkpoint), "--backend", "native"], port, log_path)
         url = f"http://127.0.0.1:{port}"
         rows = []
         try:

@@ -36,7 +36,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_bench import free_port, machine, wait_ready  # noqa: E402
+from serve_bench import free_port, machine, spawn_server, wait_ready  # noqa: E402
 
 TASK_UTILS = '''from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401
 '''
@@ -206,8 +206,6 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import subprocess
-
     import lm_eval
 
     proc = None
@@ -215,13 +213,7 @@ def main() -> int:
     log_path = Path(tempfile.mkstemp(suffix=".log", prefix="quept-serve-")[1])
     if url is None:
         port = free_port()
-        cmd = [sys.executable, "-m", "quept.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning"]
-        if args.checkpoint:
-            cmd += ["--checkpoint", str(args.checkpoint)]
-        with log_path.open("w") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out,
-                                    stderr=subprocess.STDOUT)
+        proc = spawn_server(["--checkpoint", str(args.checkpoint)] if args.checkpoint else [], port, log_path)
         url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, log_path, args.ready_timeout)

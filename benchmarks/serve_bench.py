@@ -141,16 +141,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(args: argparse.Namespace, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def spawn_server(flags: list[str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """`quept serve FLAGS` of this checkout on 127.0.0.1:port, its output in `log_path`."""
     cmd = [sys.executable, "-m", "quept.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--backend", args.backend, "--max-batch", str(max(args.concurrency)), "--log-level", "warning"]
-    if args.checkpoint:
-        cmd += ["--checkpoint", str(args.checkpoint)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+           "--log-level", "warning", *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with log_path.open("w") as out:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def start_server(args: argparse.Namespace, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    flags = ["--backend", args.backend, "--max-batch", str(max(args.concurrency))]
+    if args.checkpoint:
+        flags += ["--checkpoint", str(args.checkpoint)]
+    if args.threads:
+        flags += ["--threads", str(args.threads)]
+    return spawn_server(flags, port, log_path)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, log_path: Path | None, timeout: float) -> None:

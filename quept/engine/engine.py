@@ -80,18 +80,8 @@ class StepLogits:
         return self.offsets[i] + self.counts[i] - 1
 
 
-def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """The logprob of `token` and the `top` most likely tokens under raw logits [V]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    alternatives: tuple[tuple[int, float], ...] = ()
-    if top:
-        values, ids = logp.topk(min(top, logp.shape[-1]))
-        alternatives = tuple(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token, float(logp[token]), alternatives)
-
-
-def prompt_logprobs(logits: torch.Tensor, targets: Seq[int], top: int) -> list[TokenLogprob]:
-    """Logprobs of `targets[r]` under row r of logits [R, V] (row p predicts the token after p)."""
+def logprobs_of(logits: torch.Tensor, targets: Seq[int], top: int) -> list[TokenLogprob]:
+    """Logprobs of `targets[r]` under raw logits row r [R, V], with the `top` most likely tokens of each row."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
     ids = torch.tensor(list(targets), dtype=torch.int64)
     chosen = logp.gather(1, ids[:, None])[:, 0].tolist()
@@ -360,7 +350,7 @@ class LLMEngine:
             seq = s.seq
             start = seq.num_computed
             prefill_rows += max(0, min(start + s.num_rows, seq.num_prompt) - start)
-            if step.counts[i] == s.num_rows and seq.wants_prompt_rows:
+            if seq.wants_prompt_rows:  # execute asked for all its rows
                 self._add_prompt_logprobs(seq, start, step.rows(i))
             seq.num_computed += s.num_rows
             if not s.samples:
@@ -382,7 +372,7 @@ class LLMEngine:
                 siblings = self._fork(seq, step.logits[step.last(i)], now)
                 per_plan[plan] = per_plan.get(plan, 0) + len(siblings)
             top = seq.request.logprobs
-            logprob = None if top is None else token_logprob(step.logits[step.last(i)], token, top)
+            logprob = None if top is None else logprobs_of(step.logits[step.last(i)][None], [token], top)[0]
             seq.append_token(token, now, logprob)
             per_plan[plan] = per_plan.get(plan, 0) + 1
             if last is None:
@@ -426,7 +416,7 @@ class LLMEngine:
         hi = min(start + logits.shape[0], seq.num_prompt - 1)
         if hi > lo:
             top = seq.request.prompt_logprobs or 0
-            known.extend(prompt_logprobs(logits[lo - start : hi - start], seq.token_ids[lo + 1 : hi + 1], top))
+            known.extend(logprobs_of(logits[lo - start : hi - start], seq.token_ids[lo + 1 : hi + 1], top))
 
     def _fork(self, parent: Sequence, logits: torch.Tensor, now: float) -> list[tuple[Sequence, int]]:
         """Sequences 1 … n-1 of `parent`'s request, at the end of its prefill: each samples its first
@@ -451,7 +441,7 @@ class LLMEngine:
                 child.num_computed = parent.num_computed
                 self.scheduler.add_running(child)
             group.append(child)
-            child.append_token(token, now, None if top is None else token_logprob(logits, token, top))
+            child.append_token(token, now, None if top is None else logprobs_of(logits[None], [token], top)[0])
             outs.append((child, token))
         return outs
 

@@ -116,7 +116,6 @@ class Sequence:
         self.request = request
         self.request_id = request.request_id
         self.index = index
-        self.seq_id = request.request_id if index == 0 else f"{request.request_id}#{index}"
         self.eos_ids = tuple(eos_ids)
         self.tokenizer = tokenizer
         self.plan = plan  # the plan of the next step (the controller may change it between steps)
@@ -161,8 +160,7 @@ class Sequence:
         child.status = self.status
         child.admitted_time = self.admitted_time
         child.first_token_time = child.last_token_time = now
-        child.prompt_logprobs_sent = True  # the request's prompt logprobs travel with sequence 0
-        child.prompt_logprobs = None
+        child.prompt_logprobs = None  # the request's prompt logprobs travel with sequence 0
         return child
     @property
     def output_ids(self) -> list[int]:
