@@ -10,6 +10,9 @@ One `step()` reads as docs/architecture.md says:
               fork the n-1 siblings of a request with n > 1, free finished sequences' KV blocks
 
 New requests join the running batch between steps; `abort` frees a request's blocks at once.
+With prefix caching on, a new sequence starts from the cached KV blocks of its prompt's longest
+cached prefix at its plan (the scheduler adopts them), and every block a step fills is named for
+later sequences (`BlockManager.computed`).
 The engine is synchronous and single-threaded (`AsyncEngine` runs it in a background thread).
 Metrics leave through an `EngineObserver`, so this module knows nothing of Prometheus or HTTP.
 """
@@ -31,7 +34,7 @@ from quept.engine.sequence import FinishReason, GenerationRequest, RequestOutput
 from quept.errors import ContextLengthError
 from quept.model.model import ElasticModel
 from quept.model.runner import ModelRunner, SeqRows, StepBatch
-from quept.policies.base import Controller, StepContext
+from quept.policies.base import Controller, PlanDecision, StepContext
 from quept.policies.fixed import FixedPolicy
 from quept.precision.plan import PrecisionPlan
 
@@ -48,6 +51,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     max_model_len: int | None = None  # prompt + max_tokens limit; None: the model's context
     chunked_prefill: bool = True
+    prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before at the same plan
     # Steps of at most `small_batch_rows` rows run on `small_batch_threads` torch threads (0: off). Decode
     # of a few rows is memory-bound and gains little from the last core, which a server's HTTP loop needs
     # to stream the tokens: with every core on the model, one client's tokens come 1.6x slower (13 vs 8 ms
@@ -103,6 +107,9 @@ class EngineObserver:
     def on_prefill(self, rows: int) -> None:
         """`rows` prompt rows ran through the model in one step (a prompt shared by n sequences once)."""
 
+    def on_prefix_cache(self, queried: int, hit: int) -> None:
+        """Sequences of `queried` tokens were admitted with a prefix-cache lookup; `hit` of them were cached."""
+
     def on_first_token(self, seq: Sequence, ttft_s: float) -> None: ...
 
     def on_inter_token(self, seq: Sequence, itl_s: float) -> None: ...
@@ -153,7 +160,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or limit
         cache = model.new_kv_cache(config.kv_cache_bytes, config.block_size)
         self.runner = ModelRunner(model, cache)
-        self.blocks = BlockManager(cache.num_blocks, cache.block_size)
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size, config.prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_batch, config.max_batched_tokens, config.chunked_prefill), self.blocks)
         self._seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished sequences
@@ -271,15 +278,21 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         for seq in batch.preempted:
             self.observer.on_preempted(seq)
+        if batch.prefix_queried:
+            self.observer.on_prefix_cache(batch.prefix_queried, batch.prefix_hit)
         now = time.monotonic()
         for s in batch.scheduled:
+            if s.num_cached:
+                s.seq.num_cached_tokens = min(s.num_cached, s.seq.num_prompt)
             if s.seq.admitted_time is None:
                 s.seq.admitted_time = now
                 self.observer.on_admitted(s.seq, now)
         return batch
 
     def plan(self, batch: SchedulerOutput) -> list[PrecisionPlan]:
-        """Ask the controller for every scheduled sequence's plan of this step; count changes."""
+        """Ask the controller for every scheduled sequence's plan of this step; count changes. A sequence
+        that took cached blocks in this step runs this step at the plan it looked them up with (its
+        current one); a change the controller asks for applies from its next step."""
         ctl = self.controller
         if ctl is None:
             return [s.seq.plan for s in batch.scheduled]
@@ -289,6 +302,8 @@ class LLMEngine:
         plans = []
         for s in batch.scheduled:
             decision = ctl.step_plan(s.seq, ctx)
+            if s.num_cached:
+                decision = PlanDecision(s.seq.plan, decision.reason)  # the cached K/V were computed at it
             if decision.plan != s.seq.plan:
                 log.debug("switch %s: %s -> %s (policy %s, reason %s, token %d)", s.seq.request_id, s.seq.plan.name,
                           decision.plan.name, ctl.name, decision.reason, s.seq.num_output)
@@ -353,6 +368,7 @@ class LLMEngine:
             if seq.wants_prompt_rows:  # execute asked for all its rows
                 self._add_prompt_logprobs(seq, start, step.rows(i))
             seq.num_computed += s.num_rows
+            self.blocks.computed(seq.blocks, seq.token_ids, start, s.num_rows, plan)
             if not s.samples:
                 continue
             token = next(it)

@@ -14,6 +14,12 @@ Every step the scheduler builds one flat batch under a row budget (`max_batched_
 
 A scheduled sequence's KV blocks are reserved here, by the block manager, as its rows are scheduled:
 when the step executes, every row has its slot and the runner only reads the block tables.
+
+Prefix caching: a waiting sequence (new, preempted, or a fork that found no block) first takes the
+cached blocks that hold its leading tokens at its current plan (`BlockManager.lookup`), and only the
+rest of its prompt is scheduled as rows; admission counts the blocks it still needs, and a cached
+block nobody holds counts as one taken from the free pool. A request that asks for its prompt's
+logprobs computes every prompt row and looks nothing up.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from quept.engine.block_manager import BlockManager
+from quept.engine.prefix_cache import PrefixHit
 from quept.engine.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,7 @@ class SchedulerConfig:
 class ScheduledSeq:
     seq: Sequence
     num_rows: int  # rows of this sequence in the step (token_ids[num_computed : num_computed + num_rows])
+    num_cached: int = 0  # leading tokens it took from the prefix cache when admitted by this step
     samples: bool = False  # the rows reach the end of the sequence: the step samples its next token
 
     def __post_init__(self) -> None:
@@ -60,6 +68,8 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    prefix_queried: int = 0  # tokens of the sequences admitted with a prefix-cache lookup
+    prefix_hit: int = 0  # of those, tokens found cached
 
     @property
     def num_rows(self) -> int:
@@ -120,8 +130,8 @@ class Scheduler:
         log.info("preempted %s (KV cache full: %d blocks); it will recompute %d tokens",
                  seq.request_id, self.blocks.num_blocks, len(seq.token_ids))
 
-    def _rows(self, seq: Sequence, budget: int, batch_empty: bool) -> int:
-        rows = seq.num_uncomputed
+    def _rows(self, seq: Sequence, budget: int, batch_empty: bool, cached: int = 0) -> int:
+        rows = seq.num_uncomputed - cached
         if rows <= budget:
             return rows
         if self.config.chunked_prefill:
@@ -158,16 +168,23 @@ class Scheduler:
         watermark = int(self.config.watermark * blocks.num_blocks)
         while self.waiting and len(self.running) < self.config.max_batch and budget > 0:
             seq = self.waiting[0]
-            rows = self._rows(seq, budget, not out.scheduled)
+            looks_up = blocks.prefix_caching and not seq.wants_prompt_rows
+            hit = blocks.lookup(seq.token_ids, seq.plan) if looks_up else PrefixHit()
+            rows = self._rows(seq, budget, not out.scheduled, hit.num_tokens)
             if rows == 0:
                 break
-            free = blocks.num_free_blocks - (watermark if self.running else 0)
-            if blocks.blocks_needed(seq.blocks, rows) > free:
+            free = blocks.num_free_blocks - hit.num_evictable - (watermark if self.running else 0)
+            if blocks.blocks_for(hit.num_tokens + rows) - len(hit.blocks) > free:
                 break  # admission by KV blocks: wait for running sequences to finish
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            blocks.adopt(seq.blocks, hit)
+            seq.num_computed = hit.num_tokens
             blocks.reserve(seq.blocks, rows)
             budget -= rows
-            out.scheduled.append(ScheduledSeq(seq, rows))
+            out.scheduled.append(ScheduledSeq(seq, rows, hit.num_tokens))
+            if looks_up:
+                out.prefix_queried += len(seq.token_ids)
+                out.prefix_hit += hit.num_tokens
         return out

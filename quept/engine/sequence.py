@@ -106,6 +106,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # in the request's first output, when asked
     cumulative_logprob: float | None = None  # of all tokens generated so far, when logprobs were asked
     request_finished: bool = False  # every sequence of the request has finished (the stream may close)
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
 class Sequence:
@@ -123,6 +124,7 @@ class Sequence:
         self.token_ids: list[int] = list(request.prompt_ids)  # prompt + generated
         self.num_prompt = len(request.prompt_ids)
         self.num_computed = 0  # leading token_ids already written to the KV cache
+        self.num_cached_tokens = 0  # prompt tokens its last admission took from the prefix cache
         self.blocks = SequenceBlocks()
         stop_ids = set(request.stop_token_ids)
         if not request.ignore_eos:
@@ -223,6 +225,7 @@ class Sequence:
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
             index=self.index,
+            num_cached_tokens=self.num_cached_tokens,
         )
         if self.wants_logprobs:
             out.logprobs, self.new_logprobs = self.new_logprobs, []

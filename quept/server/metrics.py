@@ -4,7 +4,10 @@ Deployment (dashboards, autoscaling) depends on these exact names:
 
     quept:num_requests_running                  gauge    sequences in the running batch
     quept:num_requests_waiting                  gauge    requests waiting for admission
-    quept:kv_cache_usage_perc                   gauge    KV-cache blocks in use, 0..1 (1 = 100 %)
+    quept:kv_cache_usage_perc                   gauge    KV-cache blocks in use, 0..1 (1 = 100 %; cached blocks
+                                                         nobody holds count as free)
+    quept:prefix_cache_queries_total            counter  prompt tokens of sequences admitted with a prefix-cache lookup
+    quept:prefix_cache_hits_total               counter  of those, tokens found cached (hit rate = hits / queries)
     quept:prompt_tokens_total                   counter  prompt tokens admitted
     quept:prefill_tokens_total                  counter  prompt rows run through the model (the n completions
                                                          of one request share one prefill; a recompute after
@@ -57,6 +60,9 @@ class ServerMetrics(EngineObserver):
         self.kv_usage = Gauge(f"{p}kv_cache_usage_perc", "KV-cache usage, 0..1 (1 means 100 percent).", registry=r)
         self.prompt_tokens = Counter(f"{p}prompt_tokens", "Prompt tokens admitted.", registry=r)
         self.prefill_tokens = Counter(f"{p}prefill_tokens", "Prompt rows run through the model.", registry=r)
+        self.prefix_queries = Counter(f"{p}prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      registry=r)
+        self.prefix_hits = Counter(f"{p}prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r)
         self.generation_tokens = Counter(f"{p}generation_tokens", "Generated tokens by precision.", ["precision"], registry=r)
         self.ttft = Histogram(f"{p}time_to_first_token_seconds", "Time to first token.", buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram(f"{p}inter_token_latency_seconds", "Inter-token latency.", buckets=ITL_BUCKETS, registry=r)
@@ -125,6 +131,10 @@ class ServerMetrics(EngineObserver):
 
     def on_prefill(self, rows: int) -> None:
         self.prefill_tokens.inc(rows)
+
+    def on_prefix_cache(self, queried: int, hit: int) -> None:
+        self.prefix_queries.inc(queried)
+        self.prefix_hits.inc(hit)
 
     def on_first_token(self, seq: Sequence, ttft_s: float) -> None:
         self.ttft.observe(ttft_s)

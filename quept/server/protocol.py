@@ -196,8 +196,10 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached`: prompt tokens read from the prefix cache."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def completion_choice(index: int, text: str, logprobs: dict[str, Any] | None = None, finish: str | None = None,
@@ -217,10 +219,10 @@ def chat_delta_choice(index: int, delta: dict[str, Any], logprobs: dict[str, Any
 
 
 def response(rid: str, model: str, chat: bool, choices: list[dict[str, Any]], prompt: int, completion: int,
-             precision: str) -> dict[str, Any]:
+             precision: str, cached: int = 0) -> dict[str, Any]:
     """A whole (non-streamed) completion or chat completion."""
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now_s(), "model": model,
-            "choices": choices, "usage": usage(prompt, completion), "precision": precision}
+            "choices": choices, "usage": usage(prompt, completion, cached), "precision": precision}
 
 
 def chunk(rid: str, created: int, model: str, chat: bool, choice: dict[str, Any], precision: str | None) -> dict[str, Any]:
@@ -229,9 +231,10 @@ def chunk(rid: str, created: int, model: str, chat: bool, choice: dict[str, Any]
             "model": model, "choices": [choice], "precision": precision}
 
 
-def usage_chunk(rid: str, created: int, model: str, obj: str, prompt: int, completion: int) -> dict[str, Any]:
+def usage_chunk(rid: str, created: int, model: str, obj: str, prompt: int, completion: int,
+                cached: int = 0) -> dict[str, Any]:
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt, completion)}
+            "usage": usage(prompt, completion, cached)}
 
 
 def model_card(model_id: str, root: str, max_model_len: int, parent: str | None = None,

@@ -197,8 +197,9 @@ async def serve(state: ServerState, request: Request, body: P.SamplingFields, pr
     build = lambda: _choices(gathered, prompts, shape, strings, chat)
     choices = await state.off_loop(build) if shape.top is not None else build()
     completion = sum(c.last.num_output_tokens for g in gathered for c in g.choices.values() if c.last)
+    cached = sum(max((c.last.num_cached_tokens for c in g.choices.values() if c.last), default=0) for g in gathered)
     return JSONResponse(P.response(rid, model, chat, choices, sum(len(p.ids) for p in prompts), completion,
-                                   streams[0].precision), headers=headers)
+                                   streams[0].precision, cached), headers=headers)
 
 
 async def _fill_prompt_texts(state: ServerState, prompts: list[Prompt]) -> None:
@@ -321,6 +322,7 @@ async def _sse(streams: list[RequestStream], prompts: list[Prompt], shape: Shape
     obj = "chat.completion.chunk" if chat else "text_completion"
     prompt_n = sum(s.num_prompt_tokens for s in streams)
     out_n: dict[int, int] = {}  # choice -> tokens so far
+    cached: dict[int, int] = {}  # prompt -> its tokens read from the prefix cache
     builders: dict[int, CompletionLogprobs] = {}
     prompt_logprobs: dict[int, list[TokenLogprob | None] | None] = {}
     n = shape.n
@@ -340,6 +342,7 @@ async def _sse(streams: list[RequestStream], prompts: list[Prompt], shape: Shape
                     yield _sse_data(_echo_chunk(prompts[k], prompt_logprobs.get(k), builders[ci], shape, rid, created,
                                                 model, ci, out.precision))
             out_n[ci] = out.num_output_tokens
+            cached[k] = max(cached.get(k, 0), out.num_cached_tokens)
             has_logprobs = shape.top is not None and bool(out.logprobs)
             if not out.delta_text and not out.finished and not has_logprobs:
                 continue
@@ -357,13 +360,13 @@ async def _sse(streams: list[RequestStream], prompts: list[Prompt], shape: Shape
                 choice = P.completion_choice(ci, out.delta_text, lp, reason, stop_reason)
             chunk = P.chunk(rid, created, model, chat, choice, out.precision)
             if opts.continuous_usage_stats:
-                chunk["usage"] = P.usage(prompt_n, sum(out_n.values()))
+                chunk["usage"] = P.usage(prompt_n, sum(out_n.values()), sum(cached.values()))
             yield _sse_data(chunk)
     except EngineFailedError as err:
         e = failed(err)
         yield _sse_data(P.error_body(e.message, e.type, None, e.code))
     if opts.include_usage:
-        yield _sse_data(P.usage_chunk(rid, created, model, obj, prompt_n, sum(out_n.values())))
+        yield _sse_data(P.usage_chunk(rid, created, model, obj, prompt_n, sum(out_n.values()), sum(cached.values())))
     yield "data: [DONE]\n\n"
 
 

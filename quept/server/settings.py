@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     block_size: int = Field(16, ge=1)
     """Tokens per KV-cache block."""
 
+    prefix_caching: bool = True
+    """Reuse the KV blocks of prompt prefixes already computed at the same precision plan (`--no-prefix-caching`: off)."""
+
     cached_widths: int = Field(0, ge=0)
     """torch backend: dense weights kept per width (0: every stored width, so mixed batches never rebuild)."""
 

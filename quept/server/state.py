@@ -127,6 +127,7 @@ class ServerState:
                 loader, functools.partial(make_controller, s.policy, loaded, s.default_precision, **s.policy_options()))
             config = EngineConfig(max_batch=s.max_batch, max_batched_tokens=max(s.max_batched_tokens, s.max_batch),
                                   kv_cache_bytes=s.kv_cache_mb << 20, block_size=s.block_size,
+                                  prefix_caching=s.prefix_caching,
                                   max_model_len=s.max_model_len, small_batch_rows=s.small_batch_rows,
                                   small_batch_threads=max(1, torch.get_num_threads() - 1))
             # the KV cache's zero fill is a parallel op: on the loader thread too, so that no OpenMP team is left
