@@ -18,12 +18,14 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from quept.precision.plan import PrecisionPlan
 
 ROOT = b""  # the parent hash of a sequence's first block
 
 
+@lru_cache(maxsize=256)  # asked for every scheduled sequence in every step: a mixed plan's repr is long
 def plan_key(plan: PrecisionPlan) -> bytes:
     """What of a plan decides the K/V it computes: its width per linear (or its one width)."""
     return repr((plan.uniform_bits, plan.per_linear)).encode()
