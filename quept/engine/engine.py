@@ -37,6 +37,7 @@ from quept.model.runner import ModelRunner, SeqRows, StepBatch
 from quept.policies.base import Controller, PlanDecision, StepContext
 from quept.policies.fixed import FixedPolicy
 from quept.precision.plan import PrecisionPlan
+from quept.structured.bitmask import constrain
 
 log = logging.getLogger(__name__)
 
@@ -339,11 +340,14 @@ class LLMEngine:
         if len(last) != logits.shape[0]:  # prompt rows are in the logits too: take each sequence's last
             logits = logits[torch.tensor(last, dtype=torch.int64)]
         tokens: list[int | str] = logits.argmax(-1).tolist()  # greedy for every row; replaced where sampling
+        masked = self._constrained(sampling, logits)
+        for i, row in masked.items():
+            tokens[i] = int(row.argmax())
         for i, seq in enumerate(sampling):
             params = seq.request.sampling
             if params.temperature >= GREEDY_BELOW:
                 try:
-                    tokens[i] = sample(logits[i], params, seq.generator)
+                    tokens[i] = sample(masked.get(i, logits[i]), params, seq.generator)
                 except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
                     log.warning("sampling failed for %s: %s", seq.request_id, err)
                     tokens[i] = f"sampling failed: {err}"
@@ -352,6 +356,17 @@ class LLMEngine:
             for i, seq in enumerate(sampling):
                 ctl.observe(seq, logits[i])
         return tokens
+
+    @staticmethod
+    def _constrained(sampling: list[Sequence], logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Copies of the logits rows [V] of the sequences with a grammar, by index in `sampling`, with the
+        tokens their grammar forbids at -inf (the raw rows stay for logprobs and the controller)."""
+        index = [i for i, seq in enumerate(sampling) if seq.matcher is not None]
+        if not index:
+            return {}
+        rows = logits[torch.tensor(index, dtype=torch.int64)]  # [C, V], a copy
+        constrain(rows, [sampling[i].matcher for i in index])
+        return dict(zip(index, rows))
 
     def update(self, batch: SchedulerOutput, plans: list[PrecisionPlan], step: StepLogits,
                tokens: list[int | str]) -> list[RequestOutput]:
@@ -446,7 +461,8 @@ class LLMEngine:
         outs: list[tuple[Sequence, int]] = []
         for index in range(1, parent.request.n):
             child = parent.fork(index, now)
-            token = sample(logits, params, child.generator)
+            row = self._constrained([child], logits[None]).get(0, logits)
+            token = sample(row, params, child.generator)
             forked = self.blocks.fork(parent.blocks)
             if forked is None:
                 self.scheduler.add(child)

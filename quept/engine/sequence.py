@@ -24,6 +24,7 @@ from quept.engine.detokenizer import IncrementalDetokenizer
 from quept.engine.sampler import SamplingParams
 from quept.precision.plan import PrecisionPlan
 from quept.precision.spec import PrecisionSpec
+from quept.structured.grammar import Grammar
 
 
 class FinishReason(str, enum.Enum):
@@ -67,6 +68,7 @@ class GenerationRequest:
     logprobs: int | None = None  # logprobs of generated tokens with this many alternatives (0: the token's own)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (its first token has none)
     n: int = 1  # completions of this prompt, sharing its prefill
+    grammar: Grammar | None = None  # constrains the output (structured outputs); each sequence gets a matcher
     arrival_time: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -132,6 +134,9 @@ class Sequence:
         self.stop_ids = frozenset(stop_ids)
         self.generator: torch.Generator | None = request.sampling.generator(index)
         self.detok = IncrementalDetokenizer(tokenizer, request.stop, request.include_stop_str_in_output)
+        # the grammar's parse state after the output so far (None: unconstrained)
+        self.matcher = request.grammar.matcher() if request.grammar is not None else None
+        self.error: str | None = None  # why the engine ended this sequence early (goes to the output)
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
@@ -188,7 +193,8 @@ class Sequence:
         self.num_preemptions += 1
 
     def append_token(self, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
-        """Add a sampled token; finish the sequence on a stop id, a stop string or the length limit."""
+        """Add a sampled token; finish the sequence on a stop id, a stop string, the length limit, or
+        when its grammar is complete and admits no further token."""
         self.token_ids.append(token)
         if logprob is not None:
             self.new_logprobs.append(logprob)
@@ -197,6 +203,10 @@ class Sequence:
             self.first_token_time = now
         self.last_token_time = now
         req = self.request
+        if self.matcher is not None and not self.matcher.consume_token(token):
+            self.error = f"token {token} does not continue the grammar: {self.matcher.get_error()}"
+            self.finish(FinishReason.ABORT, None, now)
+            return
         may_stop = self.num_output >= req.min_tokens
         if token in self.stop_ids and may_stop:
             self.finish(FinishReason.STOP, None if token not in req.stop_token_ids else token, now)
@@ -204,6 +214,8 @@ class Sequence:
         hit = self.detok.append(self.output_ids, check_stop=may_stop)
         if hit is not None:
             self.finish(FinishReason.STOP, hit, now)
+        elif self.matcher is not None and self.matcher.is_stopped():
+            self.finish(FinishReason.STOP, None, now)
         elif self.num_output >= req.max_tokens:
             self.finish(FinishReason.LENGTH, None, now)
 
@@ -226,6 +238,7 @@ class Sequence:
             stop_reason=self.stop_reason,
             index=self.index,
             num_cached_tokens=self.num_cached_tokens,
+            error=self.error,
         )
         if self.wants_logprobs:
             out.logprobs, self.new_logprobs = self.new_logprobs, []
