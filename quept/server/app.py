@@ -35,7 +35,9 @@ from quept.server.errors import APIError
 from quept.server.serving import Prompt, serve
 from quept.server.settings import Settings
 from quept.server.state import ServerState, Status
+from quept.server.structured import Constraint, constraint_of
 from quept.server.tokens import TOKENIZER_PATHS, add_tokenizer_routes, chat_ids
+from quept.structured.grammar import Grammar, GrammarError
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -214,7 +216,8 @@ def create_app(settings: Settings, loaded: Any = None) -> FastAPI:
             prompts = [Prompt(next(encoded), p) if isinstance(p, str) else Prompt(list(p)) for p in prompt]
         else:
             prompts = [Prompt(list(p)) for p in prompt]  # type: ignore[arg-type]
-        return await serve(state, request, body, prompts, False, spec)
+        constraint = constraint_of(body)
+        return await serve(state, request, body, prompts, False, spec, constraint, await _grammar(state, constraint))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
@@ -223,9 +226,11 @@ def create_app(settings: Settings, loaded: Any = None) -> FastAPI:
         spec = _resolve_spec(state, request, body)
         if not body.messages:
             raise APIError(400, "messages must contain at least one message", param="messages")
+        constraint = constraint_of(body)
+        grammar = await _grammar(state, constraint)
         tok = state.loaded.tokenizer
-        ids = await state.off_loop(lambda: chat_ids(tok, body.messages, body.add_generation_prompt))
-        return await serve(state, request, body, [Prompt(ids)], True, spec)
+        ids = await state.off_loop(lambda: chat_ids(tok, body.messages, body.add_generation_prompt, constraint.tools))
+        return await serve(state, request, body, [Prompt(ids)], True, spec, constraint, grammar)
 
     add_tokenizer_routes(app, state, check)
     return app
@@ -268,6 +273,16 @@ def _check_body(body: P.SamplingFields) -> None:
         body.check()
     except P.Unsupported as err:
         raise APIError(400, str(err), param=err.param, code="unsupported") from None
+
+
+async def _grammar(state: ServerState, constraint: Constraint) -> Grammar | None:
+    """The request's compiled grammar (None: unconstrained); a 400 naming the field when it does not compile."""
+    if constraint.grammar is None:
+        return None
+    try:
+        return await state.compile_grammar(constraint.grammar)
+    except GrammarError as err:
+        raise APIError(400, str(err), param=err.param, code="invalid_value") from None
 
 
 def _profile_names(lm: Any) -> list[str]:

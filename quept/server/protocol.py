@@ -2,8 +2,10 @@
 
 Request fields follow the OpenAI API plus vLLM's extensions (`top_k`, `stop_token_ids`,
 `ignore_eos`, `min_tokens`, `include_stop_str_in_output`) and ours (`precision`). Unknown fields
-are ignored, as vLLM does. Fields we do not implement (penalties, `logit_bias`, `suffix`, tools,
-`echo` in chat) are refused with a 400 that names them rather than silently ignored.
+are ignored, as vLLM does. Fields we do not implement (penalties, `logit_bias`, `suffix`, `echo` in
+chat) are refused with a 400 that names them rather than silently ignored. Structured outputs
+(`response_format`, `guided_*`, `structured_outputs`) and tools are resolved into a grammar by
+`quept.server.structured`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,31 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM: `usage` on every chunk
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # the grammar always holds the output to the schema
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's newer form of the guided_* fields; exactly one may be set."""
+
+    model_config = STRICT
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -55,6 +82,13 @@ class SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     user: str | None = None
     precision: str | None = None  # quept: precision spec (w8..w2, mixed:X, auto[;min=wA;max=wB])
+    # structured outputs: OpenAI's response_format, vLLM's guided_* fields and their newer structured_outputs
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # a Lark grammar (llguidance's dialect)
+    structured_outputs: StructuredOutputs | None = None
 
     def check(self) -> None:
         """Raise `Unsupported` for the first requested feature this server does not implement."""
@@ -97,6 +131,44 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
 
+class FunctionCall(BaseModel):
+    model_config = STRICT
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = STRICT
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(BaseModel):
+    model_config = STRICT
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments; None: any object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class TextPart(BaseModel):
     model_config = STRICT
     type: Literal["text"]
@@ -108,6 +180,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -124,9 +198,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token, with logprobs
     echo: bool = False  # vLLM's chat extension; refused
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True  # with required: one call or several
     add_generation_prompt: bool = True
 
     def check(self) -> None:
@@ -134,11 +208,6 @@ class ChatCompletionRequest(SamplingFields):
             raise Unsupported("top_logprobs needs logprobs: true", "top_logprobs")
         if self.echo:
             raise Unsupported("echo is not supported in chat completions (use /v1/completions with echo)", "echo")
-        if self.tools:
-            raise Unsupported("tools are not supported", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise Unsupported(f"response_format {self.response_format.get('type')!r} is not supported (only text)",
-                              "response_format")
         super().check()
 
     @property
@@ -207,10 +276,13 @@ def completion_choice(index: int, text: str, logprobs: dict[str, Any] | None = N
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
 
 
-def chat_choice(index: int, text: str, logprobs: dict[str, Any] | None = None, finish: str | None = None,
-                stop_reason: Any = None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish, "stop_reason": stop_reason}
+def chat_choice(index: int, text: str | None, logprobs: dict[str, Any] | None = None, finish: str | None = None,
+                stop_reason: Any = None, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish,
+            "stop_reason": stop_reason}
 
 
 def chat_delta_choice(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None,

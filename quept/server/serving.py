@@ -31,6 +31,9 @@ from quept.server import protocol as P
 from quept.server.errors import APIError, failed
 from quept.server.logprobs import CompletionLogprobs, TokenStrings, chat_logprobs
 from quept.server.state import ServerState
+from quept.server.structured import Constraint
+from quept.server.tools import ToolCallParser, parse_calls
+from quept.structured.grammar import Grammar
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class Shape:
     top: int | None  # alternatives per token in the response; None: no logprobs
     echo: bool
     max_tokens: int
+    tools: tuple[P.Tool, ...] = ()  # chat: the tools whose calls the parser takes out of the text
 
 
 @dataclass
@@ -77,7 +81,8 @@ class Gathered:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-def shape_of(state: ServerState, body: P.SamplingFields, prompts: list[Prompt], chat: bool) -> Shape:
+def shape_of(state: ServerState, body: P.SamplingFields, prompts: list[Prompt], chat: bool,
+             tools: tuple[P.Tool, ...] = ()) -> Shape:
     """The response's shape, with a 400 naming the field for what the server will not do."""
     limit = state.settings.max_n
     best_of = getattr(body, "best_of", None) or body.n
@@ -101,11 +106,11 @@ def shape_of(state: ServerState, body: P.SamplingFields, prompts: list[Prompt], 
         raise APIError(400, f"{param} must be >= 0, got {max_tokens}", param=param)
     if max_tokens == 0 and best_of > 1:
         raise APIError(400, "max_tokens 0 scores the prompt once: n and best_of must be 1", param="n")
-    return Shape(body.n, best_of, body.top_logprobs_asked, echo, max_tokens)
+    return Shape(body.n, best_of, body.top_logprobs_asked, echo, max_tokens, tools)
 
 
 def _engine_request(body: P.SamplingFields, prompt: Prompt, shape: Shape, spec: PrecisionSpec | None,
-                    request_id: str, arrival: float) -> GenerationRequest:
+                    request_id: str, arrival: float, grammar: Grammar | None) -> GenerationRequest:
     if not prompt.ids:
         raise APIError(400, "the prompt is empty", param="prompt")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -121,7 +126,7 @@ def _engine_request(body: P.SamplingFields, prompt: Prompt, shape: Shape, spec: 
             min_tokens=min(body.min_tokens, shape.max_tokens),
             include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
             prompt_logprobs=shape.top if shape.echo and shape.top is not None else None, n=shape.best_of,
-            arrival_time=arrival)
+            grammar=grammar, arrival_time=arrival)
     except ValueError as err:
         raise APIError(400, str(err)) from None
 
@@ -171,12 +176,13 @@ class AbortingStreamingResponse(StreamingResponse):
 
 
 async def serve(state: ServerState, request: Request, body: P.SamplingFields, prompts: list[Prompt], chat: bool,
-                spec: PrecisionSpec | None) -> Response:
+                spec: PrecisionSpec | None, constraint: Constraint, grammar: Grammar | None) -> Response:
     arrival = time.monotonic()
-    shape = shape_of(state, body, prompts, chat)
+    shape = shape_of(state, body, prompts, chat, constraint.tools)
     rid = P.new_id("chatcmpl" if chat else "cmpl")
     ids = [rid] if len(prompts) == 1 else [f"{rid}-{i}" for i in range(len(prompts))]
-    streams = _submit(state, [_engine_request(body, p, shape, spec, r, arrival) for p, r in zip(prompts, ids)], chat)
+    streams = _submit(state, [_engine_request(body, p, shape, spec, r, arrival, grammar)
+                              for p, r in zip(prompts, ids)], chat)
     headers = {"X-Precision": streams[0].precision, "X-Request-Id": rid}
     model = body.model or state.model_name
     strings = state.token_strings
@@ -243,7 +249,11 @@ def _choices(gathered: list[Gathered], prompts: list[Prompt], shape: Shape, stri
             reason = last.finish_reason.value if last.finish_reason else None
             if chat:
                 lp = None if shape.top is None else chat_logprobs(c.logprobs, strings, shape.top)
-                out.append(P.chat_choice(i * shape.n + j, text, lp, reason, last.stop_reason))
+                content, calls = parse_calls(shape.tools, text) if shape.tools else (text, [])
+                if calls and reason == "stop":
+                    reason = "tool_calls"
+                calls = [{k: v for k, v in call.items() if k != "index"} for call in calls]
+                out.append(P.chat_choice(i * shape.n + j, content, lp, reason, last.stop_reason, calls))
                 continue
             lp = None
             if shape.top is not None:
@@ -324,6 +334,8 @@ async def _sse(streams: list[RequestStream], prompts: list[Prompt], shape: Shape
     out_n: dict[int, int] = {}  # choice -> tokens so far
     cached: dict[int, int] = {}  # prompt -> its tokens read from the prefix cache
     builders: dict[int, CompletionLogprobs] = {}
+    parsers: dict[int, ToolCallParser] = {}  # chat with tools: per choice
+    called: set[int] = set()  # choices that made a tool call
     prompt_logprobs: dict[int, list[TokenLogprob | None] | None] = {}
     n = shape.n
     if chat:
@@ -349,7 +361,13 @@ async def _sse(streams: list[RequestStream], prompts: list[Prompt], shape: Shape
             reason = out.finish_reason.value if out.finished and out.finish_reason else None
             stop_reason = out.stop_reason if out.finished else None
             if chat:
-                delta = {"content": out.delta_text} if out.delta_text else {}
+                delta = _chat_delta(out, parsers.setdefault(ci, ToolCallParser(shape.tools)) if shape.tools else None)
+                if delta.get("tool_calls"):
+                    called.add(ci)
+                if reason == "stop" and ci in called:
+                    reason = "tool_calls"
+                if not delta and not out.finished and not has_logprobs:
+                    continue
                 lp = chat_logprobs(out.logprobs or [], strings, shape.top) if shape.top is not None else None
                 choice = P.chat_delta_choice(ci, delta, lp, reason, stop_reason)
             else:
@@ -368,6 +386,21 @@ async def _sse(streams: list[RequestStream], prompts: list[Prompt], shape: Shape
     if opts.include_usage:
         yield _sse_data(P.usage_chunk(rid, created, model, obj, prompt_n, sum(out_n.values()), sum(cached.values())))
     yield "data: [DONE]\n\n"
+
+
+def _chat_delta(out: RequestOutput, parser: ToolCallParser | None) -> dict[str, Any]:
+    """A streamed chat delta: the new text, or with tools the text that is surely content and the calls
+    completed in this step (a call's arguments come whole, in the chunk where its closing tag arrives)."""
+    if parser is None:
+        return {"content": out.delta_text} if out.delta_text else {}
+    content, calls = parser.feed(out.delta_text)
+    if out.finished:
+        rest, more = parser.finish()
+        content, calls = content + rest, calls + more
+    delta: dict[str, Any] = {"content": content} if content else {}
+    if calls:
+        delta["tool_calls"] = calls
+    return delta
 
 
 def _echo_chunk(prompt: Prompt, logprobs: list[TokenLogprob | None] | None, builder: CompletionLogprobs,

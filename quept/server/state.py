@@ -26,6 +26,7 @@ from quept.policies import make_controller
 from quept.server.logprobs import TokenStrings
 from quept.server.metrics import ServerMetrics
 from quept.server.settings import Settings
+from quept.structured.grammar import Grammar, GrammarCompiler, GrammarSpec
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,15 @@ class ServerState:
         # tokenization and chat templating: off the event loop (a long prompt takes seconds), one at a time
         # (a Hugging Face tokenizer is not meant to be entered by two threads at once)
         self._text_work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quept-tokenize")
+        self._grammar_work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quept-grammar")
+        self.grammars: GrammarCompiler | None = None  # once loaded
+
+    async def compile_grammar(self, spec: GrammarSpec) -> Grammar:
+        """The compiled grammar of `spec` (cached), built on the grammar thread (a large schema takes up to a
+        second; tokenization goes on meanwhile). Raises `GrammarError`."""
+        assert self.grammars is not None
+        compiler = self.grammars
+        return await asyncio.get_running_loop().run_in_executor(self._grammar_work, compiler.compile, spec)
 
     async def off_loop(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the text-work thread and await its result (its exceptions propagate)."""
@@ -136,6 +146,7 @@ class ServerState:
             if s.warmup:
                 await loop.run_in_executor(loader, warm_up, engine, loaded)
             engine.observer = self.metrics
+            self.grammars = GrammarCompiler(loaded.tokenizer, loaded.model.args.vocab_size, engine.eos_ids)
             self.max_model_len = engine.max_model_len
             self.engine = AsyncEngine(engine, s.max_queue)
             self.engine.start(asyncio.get_running_loop())
@@ -169,5 +180,6 @@ class ServerState:
                 log.warning("drain timeout: aborting %d requests", self.engine.num_unfinished)
             await self.engine.shutdown()
         self._text_work.shutdown(wait=False, cancel_futures=True)
+        self._grammar_work.shutdown(wait=False, cancel_futures=True)
         if self.status is not Status.FAILED:  # a failed load stays failed: the exit status reads it
             self.status = Status.STOPPED

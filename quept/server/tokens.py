@@ -18,17 +18,22 @@ from fastapi import FastAPI, Request
 from quept.server import protocol as P
 from quept.server.errors import APIError
 from quept.server.state import ServerState
+from quept.server.tools import renders_tools, template_messages
 
 TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
-def chat_ids(tok: Any, messages: Sequence[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
-    """Token ids of messages rendered by the model's chat template (400 when it has none or rejects them)."""
+def chat_ids(tok: Any, messages: Sequence[P.ChatMessage], add_generation_prompt: bool,
+             tools: Sequence[P.Tool] = ()) -> list[int]:
+    """Token ids of messages (and the tools the model may call) rendered by the model's chat template
+    (400 when it has none or rejects them)."""
     if not getattr(tok, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    native = renders_tools(tok)
+    msgs = template_messages(messages, tools, native)
+    extra = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools and native else {}
     try:
-        text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
+        text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False, **extra)
     except Exception as err:  # jinja errors of the model's own template (e.g. role order it refuses)
         raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from None
     return list(tok(text, add_special_tokens=False)["input_ids"])
