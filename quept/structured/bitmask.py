@@ -12,7 +12,6 @@ import functools
 from collections.abc import Sequence
 
 import llguidance
-import llguidance.torch
 import torch
 
 BITS = torch.arange(32, dtype=torch.int32)
@@ -26,8 +25,11 @@ def _executor() -> llguidance.LLExecutor:
 def allowed(matchers: Sequence[llguidance.LLMatcher], vocab: int) -> torch.Tensor:
     """Which tokens each matcher allows next: bool [len(matchers), vocab]."""
     words = (vocab + 31) // 32
-    bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)  # [C, W]
-    llguidance.torch.fill_next_token_bitmask_par(_executor(), [(m, j) for j, m in enumerate(matchers)], bitmask)
+    bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)  # [C, W], contiguous: llguidance writes row j
+    # what llguidance.torch.fill_next_token_bitmask_par does, without importing that module (its torch.compile
+    # decorator costs seconds at import)
+    _executor().unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], bitmask.data_ptr(), words * 4,
+                                        len(matchers))
     bits = (bitmask.unsqueeze(-1) >> BITS) & 1  # [C, W, 32]: bit b of word w is token 32 w + b
     return bits.reshape(len(matchers), words * 32)[:, :vocab].bool()
 
