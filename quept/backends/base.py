@@ -51,6 +51,12 @@ class ElasticWeights:
         used = int(live.nonzero().max()) + 1 if bool(live.any()) else 0
         return tuple(min(r, used) for r in self.ranks)
 
+    def to(self, device: str | torch.device) -> "ElasticWeights":
+        """The same layer with its tensors on `device`."""
+        bias = None if self.bias is None else self.bias.to(device)
+        return replace(self, codes=self.codes.to(device), scales=self.scales.to(device), mins=self.mins.to(device),
+                       lora_a=self.lora_a.to(device), lora_b=self.lora_b.to(device), bias=bias)
+
     def without_data(self) -> "ElasticWeights":
         """The same layer with its big tensors on the meta device: shapes, dtypes and sizes stay
         readable, the bytes are gone (for a backend that keeps its own packed copy)."""

@@ -88,7 +88,7 @@ class StepLogits:
 def logprobs_of(logits: torch.Tensor, targets: Seq[int], top: int) -> list[TokenLogprob]:
     """Logprobs of `targets[r]` under raw logits row r [R, V], with the `top` most likely tokens of each row."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
-    ids = torch.tensor(list(targets), dtype=torch.int64)
+    ids = torch.tensor(list(targets), dtype=torch.int64, device=logits.device)
     chosen = logp.gather(1, ids[:, None])[:, 0].tolist()
     if not top:
         return [TokenLogprob(t, c) for t, c in zip(targets, chosen)]
@@ -326,7 +326,8 @@ class LLMEngine:
             offsets.append(at)
             counts.append(s.num_rows if all_rows else int(s.samples))
             at += counts[-1]
-        return StepLogits(self.runner.execute(StepBatch(rows)), offsets, counts)
+        # sampling, logprobs and grammar masks run on the host: one copy of the step's logits (none on a CPU)
+        return StepLogits(self.runner.execute(StepBatch(rows)).cpu(), offsets, counts)
 
     def sample(self, batch: SchedulerOutput, step: StepLogits) -> list[int | str]:
         """Next token per sampling sequence (greedy rows in one argmax, the rest one by one); a
@@ -338,7 +339,7 @@ class LLMEngine:
         logits = step.logits
         last = [step.last(i) for i, s in enumerate(batch.scheduled) if s.samples]
         if len(last) != logits.shape[0]:  # prompt rows are in the logits too: take each sequence's last
-            logits = logits[torch.tensor(last, dtype=torch.int64)]
+            logits = logits[torch.tensor(last, dtype=torch.int64, device=logits.device)]
         tokens: list[int | str] = logits.argmax(-1).tolist()  # greedy for every row; replaced where sampling
         masked = self._constrained(sampling, logits)
         for i, row in masked.items():
@@ -364,7 +365,7 @@ class LLMEngine:
         index = [i for i, seq in enumerate(sampling) if seq.matcher is not None]
         if not index:
             return {}
-        rows = logits[torch.tensor(index, dtype=torch.int64)]  # [C, V], a copy
+        rows = logits[torch.tensor(index, dtype=torch.int64, device=logits.device)]  # [C, V], a copy
         constrain(rows, [sampling[i].matcher for i in index])
         return dict(zip(index, rows))
 

@@ -43,6 +43,10 @@ class KVCache:
         num_blocks = max(1, budget_bytes // per_block)
         return cls(n_layers, n_kv_heads, head_dim, int(num_blocks), block_size, dtype, device)
 
+    @property
+    def device(self) -> torch.device:
+        return self.k_cache.device
+
     def copy_block(self, src: int, dst: int) -> None:
         """Copy block `src`'s K and V (every layer) into block `dst`."""
         self.k_cache[:, dst] = self.k_cache[:, src]
@@ -53,8 +57,8 @@ class KVCache:
         if end > len(block_table) * self.block_size:
             raise ValueError(f"positions up to {end} need {-(-end // self.block_size)} KV blocks; "
                              f"the table has {len(block_table)} (blocks are reserved before the layout is built)")
-        pos = torch.arange(start, end)
-        table = torch.tensor(block_table, dtype=torch.int64)
+        pos = torch.arange(start, end, device=self.device)
+        table = torch.tensor(block_table, dtype=torch.int64, device=self.device)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
 

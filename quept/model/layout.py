@@ -41,10 +41,12 @@ class DecodeGroup:
     def padded(self) -> "PaddedBlocks":
         """The block tables padded to one length, for one masked sdpa call over gathered blocks."""
         n_blocks = max(len(t) for t in self.tables)
-        blocks = torch.tensor([t + [0] * (n_blocks - len(t)) for t in self.tables], dtype=torch.int64)  # [B, NB]
+        dev = self.slots.device
+        blocks = torch.tensor([t + [0] * (n_blocks - len(t)) for t in self.tables], dtype=torch.int64,
+                              device=dev)  # [B, NB]
         lens = self.offsets.diff()  # [B]
         max_len = n_blocks * self.block_size
-        mask = (torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)).view(len(self.tables), 1, 1, max_len)
+        mask = (torch.arange(max_len, device=dev).unsqueeze(0) < lens.unsqueeze(1)).view(len(self.tables), 1, 1, max_len)
         return PaddedBlocks(blocks.view(-1), mask, max_len)
 
 
@@ -81,7 +83,8 @@ class BatchLayout:
             starts += [base] * s.length
             ends += range(base + s.context_before + 1, base + s.context_before + s.length + 1)
             base += s.ctx_slots.numel()
-        return slots, torch.tensor(starts, dtype=torch.int64), torch.tensor(ends, dtype=torch.int64)
+        return (slots, torch.tensor(starts, dtype=torch.int64, device=slots.device),
+                torch.tensor(ends, dtype=torch.int64, device=slots.device))
 
 
 def build_layout(cache: KVCache, seqs: Sequence[tuple[Sequence[int], int, int]]) -> BatchLayout:
@@ -102,6 +105,7 @@ def decode_group(slices: Sequence[SeqSlice], tables: Sequence[list[int]], block_
     if not dec:
         return None
     lens = [s.ctx_slots.numel() for s, _ in dec]
-    offsets = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int64)
     slots = dec[0][0].ctx_slots if len(dec) == 1 else torch.cat([s.ctx_slots for s, _ in dec])
-    return DecodeGroup(torch.tensor([s.start for s, _ in dec]), slots, offsets, [t for _, t in dec], block_size)
+    offsets = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int64, device=slots.device)
+    rows = torch.tensor([s.start for s, _ in dec], dtype=torch.int64, device=slots.device)
+    return DecodeGroup(rows, slots, offsets, [t for _, t in dec], block_size)

@@ -89,6 +89,9 @@ def load_model(checkpoint: str | Path, backend: str = "auto", device: str = "cpu
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     be = get_backend(backend, device)
+    if torch.device(device).type != "cpu":  # the weights and (through the model) the KV cache live there
+        ckpt.dense = {k: v.to(device) for k, v in ckpt.dense.items()}
+        ckpt.elastic = {k: w.to(device) for k, w in ckpt.elastic.items()}
     model = elastic_model_from_checkpoint(ckpt, be)
     trained = any(bool(w.lora_b.any()) for w in ckpt.elastic.values())  # read before the host copies go
     release_host_copies(ckpt, model)

@@ -67,7 +67,12 @@ class ElasticModel(nn.Module):
         ]
         self.final_norm = dense["model.norm.weight"].float()
         self.linears = [linears[n] for n in self.linear_names]
-        self.inv_freq = rope_inv_freq(args)
+        self.inv_freq = rope_inv_freq(args).to(self.embed.device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights, the KV cache and every tensor of a forward live."""
+        return self.embed.device
 
     @property
     def n_linears(self) -> int:
@@ -76,11 +81,12 @@ class ElasticModel(nn.Module):
     def new_kv_cache(self, budget_bytes: int, block_size: int = 16) -> KVCache:
         """As many blocks as `budget_bytes` holds (K and V together), at least one."""
         a = self.args
-        return KVCache.with_budget(a.n_layers, a.n_kv_heads, a.head_dim, budget_bytes, block_size, self.ops.kv_dtype)
+        return KVCache.with_budget(a.n_layers, a.n_kv_heads, a.head_dim, budget_bytes, block_size, self.ops.kv_dtype,
+                                   self.device)
 
     def new_kv_cache_blocks(self, num_blocks: int, block_size: int = 16) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, num_blocks, block_size, self.ops.kv_dtype)
+        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, num_blocks, block_size, self.ops.kv_dtype, self.device)
 
     def _attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layout: BatchLayout
@@ -116,8 +122,8 @@ class ElasticModel(nn.Module):
             ks = k_flat.index_select(0, s.ctx_slots).transpose(0, 1).to(q.dtype)  # [Hkv, Lk, D]
             vs = v_flat.index_select(0, s.ctx_slots).transpose(0, 1).to(q.dtype)
             qs = q[s.start : s.start + s.length].transpose(0, 1)  # [Hq, Lq, D]
-            q_pos = torch.arange(s.length).unsqueeze(1) + s.context_before  # [Lq, 1]
-            mask = torch.arange(s.ctx_slots.numel()).unsqueeze(0) <= q_pos  # [Lq, Lk] causal
+            q_pos = torch.arange(s.length, device=q.device).unsqueeze(1) + s.context_before  # [Lq, 1]
+            mask = torch.arange(s.ctx_slots.numel(), device=q.device).unsqueeze(0) <= q_pos  # [Lq, Lk] causal
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
             out[s.start : s.start + s.length] = o.transpose(0, 1)
         return out.view(q.shape[0], a.n_heads * a.head_dim)

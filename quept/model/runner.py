@@ -84,10 +84,11 @@ class ModelRunner:
         layout = build_layout(self.cache, [(s.block_table, s.context_before, s.num_rows) for s in batch.seqs])
         rows = [s.num_rows for s in batch.seqs]
         head_rows = None if batch.all_logits else [s.num_rows if s.all_rows else int(s.samples) for s in batch.seqs]
-        widths = step_widths([s.plan for s in batch.seqs], rows, self.model.n_linears, head_rows)
-        select = None if batch.all_logits else torch.tensor(logits_rows, dtype=torch.int64)
-        return self.model(torch.tensor(tokens, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                          self.cache, layout, widths, select)
+        dev = self.model.device
+        widths = step_widths([s.plan for s in batch.seqs], rows, self.model.n_linears, head_rows, dev)
+        select = None if batch.all_logits else torch.tensor(logits_rows, dtype=torch.int64, device=dev)
+        return self.model(torch.tensor(tokens, dtype=torch.int64, device=dev),
+                          torch.tensor(positions, dtype=torch.int64, device=dev), self.cache, layout, widths, select)
 
     def score(self, token_ids: torch.Tensor | Sequence[int], plan: PrecisionPlan) -> torch.Tensor:
         """Logits [L, V] of every position of one sequence [L] from an empty cache (this runner's cache

@@ -40,7 +40,7 @@ class WidthSegments:
     @cached_property
     def row_bits(self) -> torch.Tensor:
         """Width of every row in batch order, int32 [M] (for kernels that read a width per row)."""
-        out = torch.empty(self.num_rows, dtype=torch.int32)
+        out = torch.empty(self.num_rows, dtype=torch.int32, device=self.order.device)
         for i, b in enumerate(self.bits):
             out[self.rows(i)] = b
         return out
@@ -52,8 +52,9 @@ class WidthSegments:
         return self._forms[key]
 
 
-def segments_of(row_widths: Sequence[int]) -> int | WidthSegments:
-    """One int when every row has the same width, else the rows grouped by width (widest first)."""
+def segments_of(row_widths: Sequence[int], device: str | torch.device = "cpu") -> int | WidthSegments:
+    """One int when every row has the same width, else the rows grouped by width (widest first), their
+    row ids on `device` (the activations')."""
     first = row_widths[0]
     if all(b == first for b in row_widths):
         return int(first)
@@ -66,7 +67,7 @@ def segments_of(row_widths: Sequence[int]) -> int | WidthSegments:
     for b in bits:
         order += by_bits[b]
         bounds.append(len(order))
-    return WidthSegments(torch.tensor(order, dtype=torch.int64), bits, tuple(bounds))
+    return WidthSegments(torch.tensor(order, dtype=torch.int64, device=device), bits, tuple(bounds))
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class StepWidths:
 
 
 def step_widths(plans: Sequence[PrecisionPlan], rows: Sequence[int], n_linears: int,
-                head_rows: Sequence[int] | None = None) -> StepWidths:
+                head_rows: Sequence[int] | None = None, device: str | torch.device = "cpu") -> StepWidths:
     """Widths of a step whose sequence i runs `rows[i]` rows at `plans[i]`.
 
     head_rows: how many of each sequence's rows the lm_head computes (0 or 1 when only the last row
@@ -103,7 +104,7 @@ def step_widths(plans: Sequence[PrecisionPlan], rows: Sequence[int], n_linears: 
                  ) -> int | WidthSegments:
         key = tuple(v[j] for v in vectors)
         if key not in memo:
-            memo[key] = segments_of([key[k] for k, n in zip(seq_plan, counts) for _ in range(n)])
+            memo[key] = segments_of([key[k] for k, n in zip(seq_plan, counts) for _ in range(n)], device)
         return memo[key]
 
     memo: dict[tuple[int, ...], int | WidthSegments] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -107,6 +108,8 @@ class Settings(BaseSettings):
 
     backend: str = "auto"
     """Elastic-linear backend: auto | torch (fp16 dense) | torch-fp32 (exact reference) | native | triton."""
+    device: str = "cpu"
+    """Where the model and its KV cache live: cpu, or cuda / cuda:N (auto then picks the triton backend)."""
 
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM: stop admitting, let in-flight requests finish for at most this long, then exit."""
@@ -186,6 +189,17 @@ class Settings(BaseSettings):
     def _check_backend(cls, v: str) -> str:
         if v not in BACKENDS:
             raise ValueError(f"backend {v!r} is not one of {list(BACKENDS)}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        try:
+            kind = torch.device(v).type
+        except RuntimeError:
+            raise ValueError(f"device {v!r} is not a torch device (cpu, cuda, cuda:N)") from None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device {v!r}: quept serves on cpu or cuda")
         return v
 
     @field_validator("log_level")

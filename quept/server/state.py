@@ -53,7 +53,7 @@ def load_for_serving(settings: Settings) -> Any:
     """Load (building first if needed) the checkpoint with the configured backend."""
     from quept.model.loader import load_model
 
-    loaded = load_model(ensure_checkpoint(settings), backend=settings.backend)
+    loaded = load_model(ensure_checkpoint(settings), backend=settings.backend, device=settings.device)
     if loaded.tokenizer is None:
         raise ValueError(f"checkpoint {loaded.ckpt.path} has no tokenizer files; the server needs one")
     return loaded

@@ -25,7 +25,7 @@ def _executor() -> llguidance.LLExecutor:
 def allowed(matchers: Sequence[llguidance.LLMatcher], vocab: int) -> torch.Tensor:
     """Which tokens each matcher allows next: bool [len(matchers), vocab]."""
     words = (vocab + 31) // 32
-    bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)  # [C, W], contiguous: llguidance writes row j
+    bitmask = torch.zeros(len(matchers), words, dtype=torch.int32, device="cpu")  # [C, W]; llguidance writes row j
     # what llguidance.torch.fill_next_token_bitmask_par does, without importing that module (its torch.compile
     # decorator costs seconds at import)
     _executor().unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], bitmask.data_ptr(), words * 4,
@@ -36,4 +36,4 @@ def allowed(matchers: Sequence[llguidance.LLMatcher], vocab: int) -> torch.Tenso
 
 def constrain(logits: torch.Tensor, matchers: Sequence[llguidance.LLMatcher]) -> None:
     """Set logits [C, V] of the tokens matcher j forbids to -inf in row j (in place)."""
-    logits.masked_fill_(~allowed(matchers, logits.shape[-1]), float("-inf"))
+    logits.masked_fill_(~allowed(matchers, logits.shape[-1]).to(logits.device), float("-inf"))
