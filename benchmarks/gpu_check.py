@@ -222,18 +222,12 @@ def part_c(device: str, rehearse: bool, budget: Budget) -> dict[str, Any]:
 
 def part_d(device: str, checkpoint: Path | None, out_dir: Path, budget: Budget, backend: str) -> dict[str, Any]:
     import httpx
-    from serve_bench import free_port, spawn_server, wait_ready
+    from serve_bench import serving
 
-    port = free_port()
-    log = out_dir / "serve.log"
     flags = ["--device", device, "--backend", backend, "--max-batch", "4"]
     flags += ["--checkpoint", str(checkpoint)] if checkpoint else []
-    proc = spawn_server(flags, port, log)
-    url = f"http://127.0.0.1:{port}"
     answers = {}
-    try:
-        wait_ready(url, proc, log, max(60.0, budget.left()))
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    with serving(flags, out_dir / "serve.log", max(60.0, budget.left())) as (url, model):
         for bits in WIDTHS:
             t0 = time.perf_counter()
             r = httpx.post(url + "/v1/completions", timeout=300, headers={"X-Precision": f"w{bits}"},
@@ -242,9 +236,6 @@ def part_d(device: str, checkpoint: Path | None, out_dir: Path, budget: Budget, 
             answers[f"w{bits}"] = {"status": r.status_code, "text": r.json()["choices"][0]["text"]
                                    if r.status_code == 200 else r.text[:200], "seconds": time.perf_counter() - t0,
                                    "precision": r.headers.get("x-precision")}
-    finally:
-        proc.terminate()
-        proc.wait(60)
     ok = all(a["status"] == 200 and a["precision"] == w for w, a in answers.items()) and len(answers) == len(WIDTHS)
     return {"status": "passed" if ok else "FAILED", "answers": answers}
 
@@ -342,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             report[name] = parts[name]()
-        except Exception as err:  # one broken part must not lose the others' numbers
+        except (Exception, SystemExit) as err:  # one broken part must not lose the others' numbers (a server
+            # that does not come up raises SystemExit)
             report[name] = {"status": f"error: {type(err).__name__}: {err}"}
         report[name]["seconds"] = time.perf_counter() - t0
         print(f"part {name}: {report[name]['status']} in {report[name]['seconds']:.1f} s", flush=True)

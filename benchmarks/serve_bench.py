@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,20 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, log_path: Path | 
         if time.monotonic() > deadline:
             raise SystemExit(f"{url}/health not 200 after {timeout:.0f} s")
         time.sleep(1)
+
+
+@contextlib.contextmanager
+def serving(flags: list[str], log_path: Path, timeout: float) -> Iterator[tuple[str, str]]:
+    """`quept serve FLAGS` on a free port, ready: (its URL, its model id); stopped on the way out."""
+    port = free_port()
+    proc = spawn_server(flags, port, log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, log_path, timeout)
+        yield url, httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:

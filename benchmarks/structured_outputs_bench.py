@@ -35,7 +35,7 @@ import jsonschema
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the checkout's packages, also without `pip install -e .`
-from serve_bench import checkpoint_path, free_port, machine, spawn_server, wait_ready  # noqa: E402
+from serve_bench import checkpoint_path, machine, serving  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -112,15 +112,10 @@ async def validity(url: str, model: str, precision: str, n: int, concurrency: in
 
 
 def run_validity(args: argparse.Namespace, log: Path) -> list[dict[str, Any]]:
-    port = free_port()
     flags = ["--backend", args.backend, "--max-batch", str(args.concurrency)]
     flags += ["--checkpoint", str(args.checkpoint)] if args.checkpoint else []
-    proc = spawn_server(flags, port, log)
-    url = f"http://127.0.0.1:{port}"
     rows = []
-    try:
-        wait_ready(url, proc, log, 1800)
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    with serving(flags, log, 1800) as (url, model):
         for precision in args.precisions.split(","):
             for grammar in (True, False):
                 row = asyncio.run(validity(url, model, precision, args.num_requests, args.concurrency, grammar,
@@ -129,9 +124,6 @@ def run_validity(args: argparse.Namespace, log: Path) -> list[dict[str, Any]]:
                       f"(first object {row['valid_first_object']}), {row['finish_length']} cut by max_tokens, "
                       f"{row['seconds']:.1f} s", flush=True)
                 rows.append(row)
-    finally:
-        proc.terminate()
-        proc.wait(60)
     return rows
 
 
