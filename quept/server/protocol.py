@@ -87,7 +87,7 @@ class SamplingFields(BaseModel):
     guided_json: dict[str, Any] | bool | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
-    guided_grammar: str | None = None  # a Lark grammar (llguidance's dialect)
+    guided_grammar: str | None = None  # a Lark grammar (llguidance's dialect) or GBNF (`root ::= ...`)
     structured_outputs: StructuredOutputs | None = None
 
     def check(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import jsonschema
 import llguidance
 import llguidance.hf
+from llguidance.gbnf_to_lark import any_to_lark
 
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 # JSON as json.dumps writes it: flexible whitespace lets a small or low-width model spend its tokens on
@@ -35,7 +36,8 @@ class GrammarError(ValueError):
 @dataclass(frozen=True)
 class GrammarSpec:
     """What a request constrains its output to; `source` is the schema (JSON text), the regex, the
-    choices (a JSON list) or the Lark grammar; `param` is the field it came from (for errors)."""
+    choices (a JSON list) or the grammar (Lark, or GBNF as llama.cpp and vLLM's xgrammar take it:
+    `root ::= ...`, converted to Lark); `param` is the field it came from (for errors)."""
 
     kind: Kind
     source: str
@@ -75,7 +77,11 @@ class GrammarSpec:
             return M.grammar_from_regex(self.source)
         if self.kind == "choice":
             return M.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in json.loads(self.source)))
-        return M.grammar_from_lark(self.source)
+        try:
+            lark = any_to_lark(self.source)
+        except Exception as err:  # the converter raises bare Exceptions for unknown rules
+            raise ValueError(f"not a Lark or GBNF grammar: {err}") from None
+        return M.grammar_from_lark(lark)
 
 
 class Grammar:

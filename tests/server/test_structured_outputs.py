@@ -101,6 +101,7 @@ def test_parse_with_a_pydantic_model(client) -> None:
     ({"guided_regex": "[a-c]{3}-[0-9]{2}"}, lambda t: re.fullmatch("[a-c]{3}-[0-9]{2}", t)),
     ({"guided_grammar": 'start: "(" start ")" | "x"'}, lambda t: re.fullmatch(r"(\(*)x(\)*)", t) and
      t.count("(") == t.count(")")),
+    ({"guided_grammar": 'root ::= ("yes" | "no") "!"'}, lambda t: t in ("yes!", "no!")),  # GBNF
     ({"guided_json": SCHEMA}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
     ({"structured_outputs": {"choice": ["left", "right"]}}, lambda t: t in ("left", "right")),
     ({"structured_outputs": {"regex": "ab+"}}, lambda t: re.fullmatch("ab+", t)),

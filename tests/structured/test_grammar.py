@@ -27,6 +27,7 @@ def accepts(compiler, spec: GrammarSpec, text: str) -> bool:
     (GrammarSpec("regex", "[ab]{3}-\\d", "guided_regex"), "aba-7", "abc-7"),
     (GrammarSpec.choice(["yes", "no", 'say "hi"'], "guided_choice"), 'say "hi"', "maybe"),
     (GrammarSpec("grammar", 'start: "(" start ")" | "x"', "guided_grammar"), "((x))", "((x)"),
+    (GrammarSpec("grammar", 'root ::= item ("," item)*\nitem ::= [a-c]+', "guided_grammar"), "ab,c", "ab,"),
 ])
 def test_grammars_accept_and_reject(compiler, spec, good, bad) -> None:
     assert accepts(compiler, spec, good)
@@ -54,6 +55,8 @@ def test_malformed_specs_name_their_field(make, param, words) -> None:
     (GrammarSpec.json_schema({"type": "string", "pattern": "(?<=a)b"}, "response_format"), "look-around"),
     (GrammarSpec("regex", "a(b", "guided_regex"), "unclosed group"),
     (GrammarSpec("grammar", "start: undefined_rule", "guided_grammar"), "undefined_rule"),
+    (GrammarSpec("grammar", "root ::= missing_rule", "guided_grammar"), "missing_rule"),
+    (GrammarSpec("grammar", 'root ::= "a" (', "guided_grammar"), "Expected"),
 ])
 def test_unsupported_grammars_are_refused_at_compile(compiler, spec, words) -> None:
     with pytest.raises(GrammarError, match=words) as err:
