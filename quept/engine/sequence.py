@@ -102,7 +102,9 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop id or stop string that ended it (None for EOS)
     error: str | None = None  # set when the engine failed this request, or the server cut it
-    error_code: str = "engine_failed"  # with `error`: engine_failed, or drain_timeout when a drain cut it
+    # with `error`: engine_failed, drain_timeout when a drain cut it, or grammar_error when the request's
+    # grammar failed mid-way (it hit one of the grammar engine's limits: the request's fault, a 400)
+    error_code: str = "engine_failed"
     index: int = 0  # which of the request's n sequences
     logprobs: list[TokenLogprob] | None = None  # of new_token_ids, when the request asked for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # in the request's first output, when asked
@@ -137,6 +139,7 @@ class Sequence:
         # the grammar's parse state after the output so far (None: unconstrained)
         self.matcher = request.grammar.matcher() if request.grammar is not None else None
         self.error: str | None = None  # why the engine ended this sequence early (goes to the output)
+        self.error_code = "engine_failed"
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
@@ -204,7 +207,10 @@ class Sequence:
         self.last_token_time = now
         req = self.request
         if self.matcher is not None and not self.matcher.consume_token(token):
-            self.error = f"token {token} does not continue the grammar: {self.matcher.get_error()}"
+            assert req.grammar is not None
+            reason = self.matcher.get_error().split("\n", 1)[0]
+            self.error = f"{req.grammar.spec.param}: the grammar failed at output token {self.num_output}: {reason}"
+            self.error_code = "grammar_error"
             self.finish(FinishReason.ABORT, None, now)
             return
         may_stop = self.num_output >= req.min_tokens
@@ -239,6 +245,7 @@ class Sequence:
             index=self.index,
             num_cached_tokens=self.num_cached_tokens,
             error=self.error,
+            error_code=self.error_code,
         )
         if self.wants_logprobs:
             out.logprobs, self.new_logprobs = self.new_logprobs, []

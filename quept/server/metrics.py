@@ -8,6 +8,9 @@ Deployment (dashboards, autoscaling) depends on these exact names:
                                                          nobody holds count as free)
     quept:prefix_cache_queries_total            counter  prompt tokens of sequences admitted with a prefix-cache lookup
     quept:prefix_cache_hits_total               counter  of those, tokens found cached (hit rate = hits / queries)
+    quept:structured_output_requests_total{kind}  counter  requests with a grammar: json_schema | json_object |
+                                                         regex | choice | grammar (forced tool calls count as grammar)
+    quept:grammar_compile_seconds               histogram  compiling a grammar not in the cache
     quept:prompt_tokens_total                   counter  prompt tokens admitted
     quept:prefill_tokens_total                  counter  prompt rows run through the model (the n completions
                                                          of one request share one prefill; a recompute after
@@ -40,6 +43,7 @@ from quept.engine.sequence import FinishReason, Sequence
 from quept.precision.plan import PrecisionPlan
 
 PREFIX = "quept:"
+GRAMMAR_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -76,6 +80,10 @@ class ServerMetrics(EngineObserver):
                                     ["precision"], registry=r)
         self.preemptions = Counter(f"{p}num_preemptions", "Sequences preempted for KV blocks.", registry=r)
         self.rejected = Counter(f"{p}request_rejected", "Requests refused before admission.", ["reason"], registry=r)
+        self.structured = Counter(f"{p}structured_output_requests", "Requests whose output a grammar constrains, by "
+                                  "kind.", ["kind"], registry=r)
+        self.grammar_compile = Histogram(f"{p}grammar_compile_seconds", "Compiling a grammar not in the cache.",
+                                         buckets=GRAMMAR_BUCKETS, registry=r)
         for reason in FinishReason:
             self.success.labels(finished_reason=reason.value)
         for reason in ("queue_full", "draining"):

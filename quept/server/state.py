@@ -12,6 +12,7 @@ import enum
 import functools
 import logging
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,7 +96,13 @@ class ServerState:
         second; tokenization goes on meanwhile). Raises `GrammarError`."""
         assert self.grammars is not None
         compiler = self.grammars
-        return await asyncio.get_running_loop().run_in_executor(self._grammar_work, compiler.compile, spec)
+        cached = compiler.has(spec)
+        t0 = time.perf_counter()
+        grammar = await asyncio.get_running_loop().run_in_executor(self._grammar_work, compiler.compile, spec)
+        if not cached:
+            self.metrics.grammar_compile.observe(time.perf_counter() - t0)
+        self.metrics.structured.labels(kind=spec.kind).inc()
+        return grammar
 
     async def off_loop(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the text-work thread and await its result (its exceptions propagate)."""

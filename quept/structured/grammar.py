@@ -140,6 +140,10 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return grammar
 
+    def has(self, spec: GrammarSpec) -> bool:
+        """Whether `spec` is compiled already (the next `compile` is a cache hit)."""
+        return spec in self._cache
+
     @property
     def num_cached(self) -> int:
         return len(self._cache)

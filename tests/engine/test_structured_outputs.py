@@ -130,3 +130,18 @@ def test_grammar_completion_stops_without_eos_and_length_cuts_it(lm, compiler) -
     long = compiler.compile(GrammarSpec("regex", "a{50}", "guided_regex"))
     tokens, text, reason = run(engine(lm), [GenerationRequest("l", prompt, 5, grammar=long)])[("l", 0)]
     assert reason == "length" and len(tokens) == 5 and set(text) == {"a"}
+
+
+def test_a_grammar_that_fails_mid_way_ends_only_its_sequence(lm, compiler) -> None:
+    """x{657444} compiles but exceeds the lexer's limits at its second token: that request ends with a
+    grammar_error naming its field; its batch neighbour runs to the end."""
+    bad = compiler.compile(GrammarSpec("regex", "x{657444}", "guided_regex"))
+    prompt = tuple(lm.tokenizer("hello")["input_ids"])
+    eng = engine(lm)
+    eng.add_request(GenerationRequest("bad", prompt, 8, grammar=bad))
+    eng.add_request(GenerationRequest("free", prompt, 8, ignore_eos=True))
+    outs = eng.run_to_completion()
+    last = outs["bad"][-1]
+    assert last.error_code == "grammar_error" and last.error.startswith("guided_regex: the grammar failed")
+    assert sum(len(o.new_token_ids) for o in outs["free"]) == 8 and all(o.error is None for o in outs["free"])
+    assert not eng.has_unfinished()

@@ -4,6 +4,7 @@ every width, streamed or not; every malformed or contradicting option is a 400 n
 from __future__ import annotations
 
 import json
+import random
 import re
 from typing import Literal
 
@@ -178,6 +179,7 @@ def test_earlier_calls_and_tool_answers_render_into_the_prompt(server) -> None:
      "needs json_schema.schema"),
     ({"response_format": {"type": "xml"}}, "response_format.type", ""),
     ({"guided_regex": "a(b"}, "guided_regex", "unclosed group"),
+    ({"guided_regex": "x{657444}"}, "guided_regex", "the grammar failed at output token 1"),  # a limit, mid-way
     ({"guided_json": "{oops"}, "guided_json", "not valid JSON"),
     ({"guided_choice": []}, "guided_choice", "non-empty"),
     ({"guided_grammar": "start: nowhere"}, "guided_grammar", "nowhere"),
@@ -200,3 +202,21 @@ def test_bad_structured_options_are_400s_naming_the_field(server, body, param, w
     err = r.json()["error"]
     assert err["param"] == param or err["param"].startswith(param), err
     assert words in err["message"], err
+
+
+def test_metrics_count_constrained_requests_and_compiles(server) -> None:
+    def scrape() -> str:
+        return httpx.get(server.url + "/metrics").text
+
+    def value(text: str, name: str) -> float:
+        m = re.search(rf"^quept:{re.escape(name)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    before = scrape()
+    regex = f"[xyz]{{{random.randrange(1, 10**3)}}}"  # a spec no other test compiled
+    for _ in range(2):
+        assert post(server, "/v1/completions", {"prompt": "hi", "guided_regex": regex, "max_tokens": 2}).status_code == 200
+    after = scrape()
+    assert value(after, 'structured_output_requests_total{kind="regex"}') - \
+        value(before, 'structured_output_requests_total{kind="regex"}') == 2
+    assert value(after, "grammar_compile_seconds_count") - value(before, "grammar_compile_seconds_count") == 1
