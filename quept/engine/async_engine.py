@@ -36,12 +36,13 @@ class EngineStoppedError(RuntimeError):
 
 
 class EngineFailedError(RuntimeError):
-    """The request ended in error: the engine failed it (code `engine_failed`), or the server cut it
-    short (`drain_timeout`)."""
+    """The request ended in error: the engine failed it (code `engine_failed`), the server cut it
+    short (`drain_timeout`), or its grammar failed mid-way (`grammar_error`, with the field in `param`)."""
 
-    def __init__(self, message: str, code: str = "engine_failed") -> None:
+    def __init__(self, message: str, code: str = "engine_failed", param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.param = param  # the request field at fault (grammar_error)
 
 
 class RequestStream:
@@ -65,7 +66,7 @@ class RequestStream:
                 if out.request_finished:
                     self.finished = True
                 if out.error is not None:
-                    raise EngineFailedError(out.error, out.error_code)
+                    raise EngineFailedError(out.error, out.error_code, out.error_param)
                 yield out
         finally:
             self.abort()

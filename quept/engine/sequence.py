@@ -105,6 +105,7 @@ class RequestOutput:
     # with `error`: engine_failed, drain_timeout when a drain cut it, or grammar_error when the request's
     # grammar failed mid-way (it hit one of the grammar engine's limits: the request's fault, a 400)
     error_code: str = "engine_failed"
+    error_param: str | None = None  # with grammar_error: the request field that held the grammar
     index: int = 0  # which of the request's n sequences
     logprobs: list[TokenLogprob] | None = None  # of new_token_ids, when the request asked for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # in the request's first output, when asked
@@ -140,6 +141,7 @@ class Sequence:
         self.matcher = request.grammar.matcher() if request.grammar is not None else None
         self.error: str | None = None  # why the engine ended this sequence early (goes to the output)
         self.error_code = "engine_failed"
+        self.error_param: str | None = None
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
@@ -210,7 +212,7 @@ class Sequence:
             assert req.grammar is not None
             reason = self.matcher.get_error().split("\n", 1)[0]
             self.error = f"{req.grammar.spec.param}: the grammar failed at output token {self.num_output}: {reason}"
-            self.error_code = "grammar_error"
+            self.error_code, self.error_param = "grammar_error", req.grammar.spec.param
             self.finish(FinishReason.ABORT, None, now)
             return
         may_stop = self.num_output >= req.min_tokens
@@ -246,6 +248,7 @@ class Sequence:
             num_cached_tokens=self.num_cached_tokens,
             error=self.error,
             error_code=self.error_code,
+            error_param=self.error_param,
         )
         if self.wants_logprobs:
             out.logprobs, self.new_logprobs = self.new_logprobs, []

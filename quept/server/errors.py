@@ -25,7 +25,7 @@ def failed(err: EngineFailedError) -> APIError:
     """500 when the engine failed the request; 503 when the server cut it short (a drain ran out); 400
     when the request's grammar failed mid-way (too complex for the grammar engine's limits)."""
     if err.code == "grammar_error":
-        return APIError(400, str(err), param=str(err).split(":", 1)[0], code=err.code)
+        return APIError(400, str(err), param=err.param, code=err.code)
     if err.code == "drain_timeout":
         return APIError(503, str(err), "service_unavailable", None, err.code)
     return APIError(500, str(err), "server_error", None, err.code)

@@ -142,6 +142,7 @@ def test_a_grammar_that_fails_mid_way_ends_only_its_sequence(lm, compiler) -> No
     eng.add_request(GenerationRequest("free", prompt, 8, ignore_eos=True))
     outs = eng.run_to_completion()
     last = outs["bad"][-1]
-    assert last.error_code == "grammar_error" and last.error.startswith("guided_regex: the grammar failed")
+    assert last.error_code == "grammar_error" and last.error_param == "guided_regex"
+    assert last.error.startswith("guided_regex: the grammar failed")
     assert sum(len(o.new_token_ids) for o in outs["free"]) == 8 and all(o.error is None for o in outs["free"])
     assert not eng.has_unfinished()
