@@ -54,35 +54,13 @@ class Budget:
 
 def part_a(device: str, rehearse: bool) -> dict[str, Any]:
     import torch
-    from kernel_bench import random_weights
+    from kernel_bench import correctness_sweep
 
-    from quept.kernels import triton_ops
-    from quept.kernels.reference import elastic_linear_ref, pack_bitplanes_ref
-
-    dtype = torch.float32 if rehearse else torch.float16
-    tol = 1e-3 if rehearse else 5e-3
-    cases = []
-    shapes = [(37, 64, 32), (70, 128, 64)] if rehearse else [(1037, 4096, 64), (4099, 1024, 128), (333, 14336, 64)]
-    for n, k, g in shapes:
-        w = random_weights(n, k, g, device, seed=n)
-        planes = triton_ops.pack_bitplanes_op(w.codes)
-        cases.append({"N": n, "K": k, "kernel": "pack_bitplanes",
-                      "ok": bool(torch.equal(planes.cpu(), pack_bitplanes_ref(w.codes.cpu())))})
-        wbits, wranks, lut = triton_ops.width_tables(WIDTHS, RANKS, device)
-        for path, m in (("decode", 5), ("prefill", 19 if rehearse else 67)):
-            mixed = torch.tensor([WIDTHS[i % len(WIDTHS)] for i in range(m)], device=device)
-            for bits in (*WIDTHS, mixed):
-                x = torch.randn(m, k, device=device).to(dtype)
-                out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-                idx = triton_ops.row_width_index(bits, m, WIDTHS, lut)
-                triton_ops.elastic_linear_planes(x, planes, w.scales, w.mins, w.lora_a, w.lora_b, w.bias, idx, wbits,
-                                                 wranks, g, isinstance(bits, int), out=out, path=path)
-                ref = elastic_linear_ref(x.float(), w.codes, w.scales, w.mins, w.lora_a, w.lora_b,
-                                         bits if isinstance(bits, int) else bits.cpu(), WIDTHS, RANKS, g)
-                err = float((out.float().cpu() - ref.float().cpu()).abs().max() / ref.float().abs().max())
-                cases.append({"N": n, "K": k, "G": g, "path": path, "M": m,
-                              "bits": bits if isinstance(bits, int) else "mixed", "rel_err": err,
-                              "ok": bool(err < tol and not torch.isnan(out).any())})
+    if rehearse:
+        cases = correctness_sweep(device=device, shapes=[(37, 64, 32), (70, 128, 64)], dtypes=[torch.float32])
+    else:
+        cases = correctness_sweep(device=device, shapes=[(1037, 4096, 64), (4099, 1024, 128), (333, 14336, 64)],
+                                  dtypes=[torch.float16, torch.bfloat16], prefill_rows=67)
     return {"status": "passed" if all(c["ok"] for c in cases) else "FAILED", "cases": cases}
 
 

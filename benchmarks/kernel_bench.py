@@ -142,38 +142,49 @@ def run_gpu(args: argparse.Namespace) -> int:
     return 0
 
 
-def correctness_sweep(quick: bool = False) -> bool:
-    """Interpreter sweep: both kernel paths, every width, group sizes, dtypes, a mixed batch, odd sizes."""
+def correctness_sweep(quick: bool = False, device: str = "cpu",
+                      shapes: Sequence[tuple[int, int, int]] | None = None,
+                      dtypes: Sequence[torch.dtype] | None = None, prefill_rows: int = 19) -> list[dict[str, Any]]:
+    """Both kernel paths and the bit-plane pack against the reference: every width (in the first dtype;
+    the mixed batch in every dtype), group sizes, odd sizes. Shapes (N, K, G) default to small ones for
+    the interpreter. Returns one record per case, each with `ok`."""
     from quept.kernels import triton_ops
     from quept.kernels.reference import elastic_linear_ref, pack_bitplanes_ref
 
-    ok = True
-    groups = (64,) if quick else (32, 64, 128)
-    dtypes = (torch.float32,) if quick else (torch.float32, torch.float16, torch.bfloat16)
+    if shapes is None:
+        shapes = [(37, 2 * g if g > 32 else 96, g) for g in ((64,) if quick else (32, 64, 128))]
+    if dtypes is None:
+        dtypes = (torch.float32,) if quick else (torch.float32, torch.float16, torch.bfloat16)
     tol = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-    for g in groups:
-        w = random_weights(37, 2 * g if g > 32 else 96, g, "cpu", seed=g)
-        planes = pack_bitplanes_ref(w.codes)
-        wbits, wranks, lut = triton_ops.width_tables(WIDTHS, RANKS, "cpu")
+    cases: list[dict[str, Any]] = []
+    for n, k, g in shapes:
+        w = random_weights(n, k, g, device, seed=g + n)
+        planes = triton_ops.pack_bitplanes_op(w.codes)
+        cases.append({"N": n, "K": k, "kernel": "pack_bitplanes",
+                      "ok": bool(torch.equal(planes.cpu(), pack_bitplanes_ref(w.codes.cpu())))})
+        wbits, wranks, lut = triton_ops.width_tables(WIDTHS, RANKS, device)
         for dtype in dtypes:
-            for path, m in (("decode", 5), ("prefill", 19)):
-                cases: list[int | torch.Tensor] = [*WIDTHS, torch.tensor([WIDTHS[i % 6] for i in range(m)])]
-                if quick or dtype != torch.float32:
-                    cases = cases[-1:]
-                for bits in cases:
-                    x = torch.randn(m, w.codes.shape[1]).to(dtype)
-                    out = torch.full((m, 37), float("nan"), dtype=dtype)
+            for path, m in (("decode", 5), ("prefill", prefill_rows)):
+                mixed = torch.tensor([WIDTHS[i % len(WIDTHS)] for i in range(m)], device=device)
+                cases_bits: list[int | torch.Tensor] = [*WIDTHS, mixed]
+                if quick or dtype != dtypes[0]:
+                    cases_bits = cases_bits[-1:]
+                for bits in cases_bits:
+                    x = torch.randn(m, k, device=device).to(dtype)
+                    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
                     idx = triton_ops.row_width_index(bits, m, WIDTHS, lut)
                     triton_ops.elastic_linear_planes(x, planes, w.scales, w.mins, w.lora_a, w.lora_b, w.bias, idx,
                                                      wbits, wranks, g, isinstance(bits, int), out=out, path=path)
-                    ref = elastic_linear_ref(x, w.codes, w.scales, w.mins, w.lora_a, w.lora_b, bits, WIDTHS, RANKS, g)
-                    err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
-                    good = not torch.isnan(out).any() and err < tol[dtype]
-                    ok &= good
-                    label = "mixed" if isinstance(bits, torch.Tensor) else f"w{bits}"
-                    print(f"  G={g:3d} {str(dtype):14s} {path:7s} M={m:2d} {label:5s} rel err {err:.1e} "
-                          f"{'ok' if good else 'FAIL'}", flush=True)
-    return ok
+                    ref = elastic_linear_ref(x.float(), w.codes, w.scales, w.mins, w.lora_a, w.lora_b,
+                                             bits if isinstance(bits, int) else bits.cpu(), WIDTHS, RANKS, g)
+                    err = float((out.float().cpu() - ref.float().cpu()).abs().max() / ref.float().abs().max())
+                    good = bool(not torch.isnan(out).any() and err < tol[dtype])
+                    label = "mixed" if isinstance(bits, torch.Tensor) else bits
+                    cases.append({"N": n, "K": k, "G": g, "dtype": str(dtype), "path": path, "M": m, "bits": label,
+                                  "rel_err": err, "ok": good})
+                    print(f"  N={n:5d} K={k:5d} G={g:3d} {str(dtype):14s} {path:7s} M={m:2d} w{label!s:5s} "
+                          f"rel err {err:.1e} {'ok' if good else 'FAIL'}", flush=True)
+    return cases
 
 
 def print_roofline(group_size: int) -> None:
@@ -203,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_gpu(args)
     print("No CUDA GPU on this machine: no GPU times were measured. Running the correctness sweep of the "
           "Triton kernels in the interpreter (TRITON_INTERPRET=1, small shapes) instead.", flush=True)
-    ok = correctness_sweep(args.quick)
+    ok = all(c["ok"] for c in correctness_sweep(args.quick))
     print_roofline(args.group_size)
     print("\ncorrectness sweep:", "passed" if ok else "FAILED")
     return 0 if ok else 1

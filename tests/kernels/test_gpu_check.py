@@ -6,22 +6,16 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates our kernels
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from tests.benchmarks import load_benchmark
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+pytest.importorskip("triton")
 
 
 def load_check():
-    spec = importlib.util.spec_from_file_location("quept_gpu_check", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gpu_check")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the rehearsal is the CPU stand-in for the GPU run")

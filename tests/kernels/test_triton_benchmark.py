@@ -4,24 +4,17 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates our kernels
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from quept.kernels.triton_bytes import decode_traffic, ideal_speedup, prefill_traffic, total_bytes  # noqa: E402
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_bench.py"
+from tests.benchmarks import load_benchmark  # noqa: E402
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("quept_bench_kernels", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("kernel_bench")
 
 
 def test_byte_model() -> None:
