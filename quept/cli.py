@@ -77,7 +77,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     e.add_argument("--checkpoint", type=Path,
                    help="checkpoint directory (default: the default model, built on first use as `quept serve` does)")
     e.add_argument("--precision", default="w8,w6,w5,w4,w3,w2", help="comma list of w8..w2 or mixed:X")
-    e.add_argument("--windows", type=int, default=8, help="windows scored from the start of the file")
+    e.add_argument("--windows", type=int, default=8, help="consecutive windows scored from --start on")
+    e.add_argument("--start", type=float, default=0.0,
+                   help="where the windows begin, as a fraction of the file's tokens (0: its start; 0.6: the last "
+                        "40 %%, away from the windows the committed results and any tuning use)")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     e.add_argument("--file", type=Path, help="text file (default: WikiText-2 test.txt, shipped in the package)")
     e.add_argument("--baselines", choices=["all", "none"], default="all",
@@ -175,7 +178,8 @@ def _checkpoint_or_default(checkpoint: Path | None) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     from quept.build.baselines import independent_rtn_model
     from quept.data import eval_file
-    from quept.eval.perplexity import format_table, plot_rows, results_json, run_rows, token_windows
+    from quept.eval.bits import AFFINE_BITS, read_bits
+    from quept.eval.perplexity import Job, format_table, plot_rows, results_json, run_rows, token_windows
     from quept.model.loader import load_model
     from quept.model.model import dense_model
     from quept.precision.plan import PrecisionPlan
@@ -185,29 +189,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     specs = [s.strip() for s in args.precision.split(",") if s.strip()]
     plans = [lm.plan_for(s) for s in specs]  # validate every spec before the slow work
     path = args.file or eval_file()
-    windows = token_windows(lm.tokenizer, path, args.windows, args.seq_len)
-    protocol = {"file": str(path), "windows": args.windows, "seq_len": args.seq_len,
+    windows = token_windows(lm.tokenizer, path, args.windows, args.seq_len, args.start)
+    protocol = {"file": str(path), "windows": args.windows, "start": args.start, "seq_len": args.seq_len,
                 "tokens_scored": args.windows * (args.seq_len - 1), "group_size": lm.ckpt.group_size,
                 "checkpoint": str(checkpoint), "source": lm.ckpt.meta.get("source")}
-    jobs: list[tuple[str, str, float, Callable[[], Any]]] = []
+    jobs: list[Job] = []
     dense = PrecisionPlan.uniform(8)  # dense models read no widths
     source = None
     if args.baselines == "all":
         from quept.build.source import load_source
 
         source = load_source(lm.ckpt.meta.get("source"))
-        jobs.append(("unquantized", "unquantized", 16.0, lambda: (dense_model(source.args, source.state), dense)))
+        jobs.append(("unquantized", "unquantized", 16.0, 16.0,
+                     lambda: (dense_model(source.args, source.state), dense)))
     method = lm.ckpt.meta.get("calibration") and "calibrated" or "nested"
     for plan in plans:
         bits = plan.avg_bits or float(plan.uniform_bits or 8)
+        read = round(read_bits(lm.ckpt.elastic, lm.model.linear_names, plan.widths(lm.model.n_linears)).total, 4)
         if source is not None and plan.uniform_bits is not None:
             b = plan.uniform_bits
-            jobs.append((f"independent-rtn w{b}", "independent-rtn", float(b),
+            jobs.append((f"independent-rtn w{b}", "independent-rtn", float(b), b + 2 * AFFINE_BITS / lm.ckpt.group_size,
                          lambda b=b: (independent_rtn_model(source.args, source.state, b, lm.ckpt.group_size), dense)))
         kind = method if plan.uniform_bits is not None else "mixed"
-        jobs.append((f"{kind} {plan.name}", kind, bits, lambda plan=plan: (lm.model, plan)))
+        jobs.append((f"{kind} {plan.name}", kind, bits, read, lambda plan=plan: (lm.model, plan)))
     rows = run_rows(windows, jobs)
-    print(f"perplexity on {path.name}: first {args.windows} windows of {args.seq_len} tokens")
+    where = f"from {args.start:.0%} of its tokens" if args.start else "from its start"
+    print(f"perplexity on {path.name}: {args.windows} windows of {args.seq_len} tokens {where}")
     print(format_table(rows))
     if args.json:
         command = "quept " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -37,6 +37,32 @@ def test_eval_writes_table_json_and_plot(tiny_ckpt: Path, tmp_path: Path, capsys
     rows = json.loads(out_json.read_text())["rows"]
     assert [r["name"] for r in rows] == ["nested w8", "nested w2"]
     assert all(r["ppl"] > 1 for r in rows) and out_json.with_suffix(".png").is_file()
+    w8, w2 = rows
+    assert w8["read_bits"] > 8 and w2["read_bits"] > 2  # affines (and w2's adapters) on top of the codes
+    assert w2["read_bits"] - 2 > w8["read_bits"] - 8  # w2 reads its adapter prefix, w8 has none
+
+
+def test_eval_scores_held_out_windows_from_a_fraction_on(tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from quept.build import source as source_mod
+    from tests.tiny import tiny_source
+
+    monkeypatch.setattr(source_mod, "load_source", lambda path: tiny_source())
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i} of a text that changes as it goes.\n" for i in range(400)))
+    out_json = tmp_path / "r.json"
+    code, out, err = run(capsys, "eval", "--checkpoint", str(tiny_ckpt), "--precision", "w4", "--windows", "2",
+                         "--seq-len", "32", "--file", str(text), "--baselines", "all", "--start", "0.6",
+                         "--json", str(out_json), "--backend", "torch")
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    assert result["protocol"]["start"] == 0.6 and "from 60% of its tokens" in out
+    early = run(capsys, "eval", "--checkpoint", str(tiny_ckpt), "--precision", "w4", "--windows", "2", "--seq-len",
+                "32", "--file", str(text), "--baselines", "none", "--backend", "torch")
+    assert early[0] == 0
+    late_ppl = next(r["ppl"] for r in result["rows"] if r["name"] == "nested w4")
+    assert f"{late_ppl:.3f}" not in early[1]  # other windows, another perplexity
+    rtn = next(r for r in result["rows"] if r["kind"] == "independent-rtn")
+    assert rtn["read_bits"] > rtn["bits"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,7 +1,8 @@
 """Perplexity on fixed windows of a text file (docs/architecture.md §6): `quept eval`.
 
-Protocol: the file is tokenized once (no special tokens); the first `windows` non-overlapping
-windows of `seq_len` tokens from its start are scored, each from an empty cache; perplexity is
+Protocol: the file is tokenized once (no special tokens); `windows` consecutive non-overlapping
+windows of `seq_len` tokens are scored, from its start or from a fraction `start` of its tokens on
+(held-out windows: text no calibration or tuning has seen), each from an empty cache; perplexity is
 exp(mean next-token NLL) over all scored tokens. Every row of a table uses the same windows.
 """
 
@@ -29,22 +30,28 @@ log = logging.getLogger(__name__)
 class EvalRow:
     name: str  # e.g. "nested w4", "independent-rtn w4", "unquantized"
     kind: str  # "unquantized" | "independent-rtn" | "nested" | "calibrated" | "mixed" ...
-    bits: float  # real bits per weight of the elastic linears (16 for unquantized fp)
+    bits: float  # nominal bits per weight: the codes' width, averaged over the elastic linears (16 unquantized)
     ppl: float
     nll: float
     seconds: float
+    read_bits: float | None = None  # bits per weight a forward reads: codes + affines + adapters (quept.eval.bits)
 
 
-def token_windows(tokenizer: Any, path: Path, windows: int, seq_len: int) -> torch.Tensor:
-    """The first `windows` windows of `seq_len` tokens of `path`: [windows, seq_len]."""
+def token_windows(tokenizer: Any, path: Path, windows: int, seq_len: int, start: float = 0.0) -> torch.Tensor:
+    """`windows` consecutive windows of `seq_len` tokens of `path` from token int(start * total): [windows, seq_len]."""
     if not path.is_file():
         raise FileNotFoundError(f"evaluation file {path} not found")
-    # Tokenize only as much text as the windows need (about 4 characters per token, doubled for margin).
-    text = path.read_text(encoding="utf-8")[: windows * seq_len * 8]
+    if not 0.0 <= start < 1.0:
+        raise ValueError(f"start must be a fraction of the file in [0, 1), got {start}")
+    text = path.read_text(encoding="utf-8")
+    if start == 0.0:  # tokenize only as much text as the windows need (about 4 characters per token, doubled)
+        text = text[: windows * seq_len * 8]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < windows * seq_len:
-        raise ValueError(f"{path} has {len(ids)} tokens, fewer than {windows} windows of {seq_len}")
-    return torch.tensor(ids[: windows * seq_len], dtype=torch.int64).view(windows, seq_len)
+    first = int(start * len(ids))
+    if len(ids) - first < windows * seq_len:
+        raise ValueError(f"{path} has {len(ids) - first} tokens from {start:.0%} of the file on, fewer than "
+                         f"{windows} windows of {seq_len}")
+    return torch.tensor(ids[first : first + windows * seq_len], dtype=torch.int64).view(windows, seq_len)
 
 
 def window_nll(model: ElasticModel, window: torch.Tensor, plan: PrecisionPlan) -> tuple[float, int]:
@@ -66,17 +73,17 @@ def perplexity(
     return math.exp(mean), mean
 
 
-def run_rows(
-    windows: torch.Tensor, jobs: Iterable[tuple[str, str, float, Callable[[], tuple[ElasticModel, PrecisionPlan]]]],
-    progress: bool = True,
-) -> list[EvalRow]:
-    """Evaluate each (name, kind, bits, make_model) job on the same windows."""
+Job = tuple[str, str, float, float | None, Callable[[], tuple[ElasticModel, PrecisionPlan]]]
+
+
+def run_rows(windows: torch.Tensor, jobs: Iterable[Job], progress: bool = True) -> list[EvalRow]:
+    """Evaluate each (name, kind, bits, read_bits, make_model) job on the same windows."""
     rows = []
-    for name, kind, bits, make in jobs:
+    for name, kind, bits, read, make in jobs:
         t0 = time.perf_counter()
         model, plan = make()
         ppl, nll = perplexity(model, windows, plan, desc=name, progress=progress)
-        rows.append(EvalRow(name, kind, bits, ppl, nll, round(time.perf_counter() - t0, 1)))
+        rows.append(EvalRow(name, kind, bits, ppl, nll, round(time.perf_counter() - t0, 1), read))
         log.info("%s: ppl %.3f", name, ppl)
     return rows
 
@@ -86,8 +93,9 @@ def results_json(rows: list[EvalRow], protocol: dict[str, Any], command: str, ex
 
 
 def format_table(rows: list[EvalRow]) -> str:
-    lines = [f"{'model':<28} {'bits/w':>7} {'ppl':>10} {'seconds':>8}"]
-    lines += [f"{r.name:<28} {r.bits:>7.2f} {r.ppl:>10.3f} {r.seconds:>8.1f}" for r in rows]
+    lines = [f"{'model':<28} {'bits/w':>7} {'read':>7} {'ppl':>10} {'seconds':>8}"]
+    lines += [f"{r.name:<28} {r.bits:>7.2f} {'-' if r.read_bits is None else f'{r.read_bits:.2f}':>7} {r.ppl:>10.3f} "
+              f"{r.seconds:>8.1f}" for r in rows]
     return "\n".join(lines)
 
 
@@ -100,13 +108,13 @@ def plot_rows(rows: list[EvalRow], out_png: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind in dict.fromkeys(r.kind for r in rows):
-        pts = sorted((r.bits, r.ppl) for r in rows if r.kind == kind)
+        pts = sorted((r.bits if r.read_bits is None else r.read_bits, r.ppl) for r in rows if r.kind == kind)
         if kind == "unquantized":
             ax.axhline(pts[0][1], color="k", ls="--", lw=1, label=f"unquantized ({pts[0][1]:.1f})")
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
     ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (codes, elastic linears)")
+    ax.set_xlabel("bits per weight read (codes + affines + adapters, lm_head included)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
