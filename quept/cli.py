@@ -178,7 +178,7 @@ def _checkpoint_or_default(checkpoint: Path | None) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     from quept.build.baselines import independent_rtn_model
     from quept.data import eval_file
-    from quept.eval.bits import AFFINE_BITS, read_bits
+    from quept.eval.bits import read_bits, rtn_read_bits
     from quept.eval.perplexity import Job, format_table, plot_rows, results_json, run_rows, token_windows
     from quept.model.loader import load_model
     from quept.model.model import dense_model
@@ -208,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         read = round(read_bits(lm.ckpt.elastic, lm.model.linear_names, plan.widths(lm.model.n_linears)).total, 4)
         if source is not None and plan.uniform_bits is not None:
             b = plan.uniform_bits
-            jobs.append((f"independent-rtn w{b}", "independent-rtn", float(b), b + 2 * AFFINE_BITS / lm.ckpt.group_size,
+            jobs.append((f"independent-rtn w{b}", "independent-rtn", float(b), rtn_read_bits(b, lm.ckpt.group_size),
                          lambda b=b: (independent_rtn_model(source.args, source.state, b, lm.ckpt.group_size), dense)))
         kind = method if plan.uniform_bits is not None else "mixed"
         jobs.append((f"{kind} {plan.name}", kind, bits, read, lambda plan=plan: (lm.model, plan)))

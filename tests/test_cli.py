@@ -65,6 +65,16 @@ def test_eval_scores_held_out_windows_from_a_fraction_on(tiny_ckpt: Path, tmp_pa
     assert rtn["read_bits"] > rtn["bits"]
 
 
+@pytest.mark.parametrize("start,message", [("1.5", "start must be a fraction"), ("0.99", "fewer than 2 windows")])
+def test_eval_refuses_a_bad_start(tiny_ckpt: Path, tmp_path: Path, capsys, start: str, message: str) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    code, _, err = run(capsys, "eval", "--checkpoint", str(tiny_ckpt), "--precision", "w8", "--windows", "2",
+                       "--seq-len", "32", "--file", str(text), "--baselines", "none", "--start", start,
+                       "--backend", "torch")
+    assert code == 2 and message in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--precision", "w7"], "width 7 is not stored"),
     (["--precision", "bf16"], "malformed precision 'bf16'"),

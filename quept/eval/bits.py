@@ -42,6 +42,11 @@ def read_bits(elastic: Mapping[str, ElasticWeights], names: Sequence[str], width
         r = w.ranks[w.widths.index(b)]
         params += n * k
         codes += b * n * k
-        affines += 2 * AFFINE_BITS * n * (k // w.group_size)
+        affines += 2 * AFFINE_BITS * n * (k // w.group_size)  # as rtn_read_bits counts them
         adapters += ADAPTER_BITS * r * (n + k)
     return ReadBits(codes / params, affines / params, adapters / params)
+
+
+def rtn_read_bits(bits: int, group_size: int) -> float:
+    """Bits per weight an independent round-to-nearest model reads: its codes and one fp16 scale and min per group."""
+    return bits + 2 * AFFINE_BITS / group_size

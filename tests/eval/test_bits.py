@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quept.backends.base import ElasticWeights
-from quept.eval.bits import read_bits
+from quept.eval.bits import read_bits, rtn_read_bits
 
 
 def layer(n: int, k: int, group: int, widths=(8, 4, 2), ranks=(0, 2, 5)) -> ElasticWeights:
@@ -26,9 +26,9 @@ def test_every_part_of_a_width_is_counted() -> None:
     assert got.total == pytest.approx(got.codes + got.affines + got.adapters)
 
 
-def test_a_width_without_adapter_reads_codes_and_affines_only() -> None:
+def test_a_width_without_adapter_reads_what_round_to_nearest_reads() -> None:
     got = read_bits({"a": layer(4, 64, 32)}, ["a"], [8])
-    assert got.adapters == 0 and got.total == pytest.approx(8 + 1.0)
+    assert got.adapters == 0 and got.total == pytest.approx(8 + 1.0) == rtn_read_bits(8, 32)
 
 
 def test_bad_plans_are_refused() -> None:
