@@ -21,8 +21,8 @@
 #   QUEPT_SMOKE_KEEP=1      keep the image and the data volume (faster reruns)
 #   QUEPT_SMOKE_BUILD_ARGS  extra arguments for the build command
 #   QUEPT_SMOKE_RUN_ENV     extra `-e` settings for the container, space-separated KEY=VALUE
-#   QUEPT_SMOKE_EXPECT_BACKEND  fail unless the server reports this backend (e.g. native with
-#                           QUEPT_SMOKE_BUILD_ARGS="--build-arg NATIVE_KERNELS=1")
+#   QUEPT_SMOKE_EXPECT_BACKEND  fail unless the server reports this backend (default: native, or
+#                           torch when QUEPT_SMOKE_BUILD_ARGS holds NATIVE_KERNELS=0; empty: any)
 # On podman the build and the container use the host network, runc when it is installed
 # (crun fails on some hybrid cgroup hosts) and explicit ulimits; the host's CA bundle is handed
 # to the build, so pip works behind a TLS-intercepting proxy.
@@ -58,6 +58,10 @@ if [[ $engine == podman ]]; then
 fi
 
 id="quept-smoke-$$"
+if [[ -z ${QUEPT_SMOKE_EXPECT_BACKEND+set} ]]; then
+  [[ ${QUEPT_SMOKE_BUILD_ARGS:-} == *NATIVE_KERNELS=0* ]] && QUEPT_SMOKE_EXPECT_BACKEND=torch || QUEPT_SMOKE_EXPECT_BACKEND=native
+fi
+export QUEPT_SMOKE_EXPECT_BACKEND
 tag="localhost/quept:smoke"
 port=${QUEPT_SMOKE_PORT:-18000}
 timeout_s=${QUEPT_SMOKE_TIMEOUT:-1800}
@@ -133,6 +137,9 @@ build_s=$(( $(date +%s) - t0 ))
 size_b=$("$engine" image inspect --format '{{.Size}}' "$tag")
 size_mb=$(( size_b / 1000000 ))
 log "build time: ${build_s}s; image size: ${size_mb} MB ($tag)"
+# The compiler stays in the build stage: the image ships the built kernels only.
+compilers=$("${eng[@]}" run --rm "${run_flags[@]}" --entrypoint sh "$tag" -c 'command -v g++ c++ cc gcc clang++ || true' 2>/dev/null)
+[[ -z $compilers ]] || die "the runtime image holds a compiler: $compilers"
 rm -f "/tmp/$id-build.log"
 
 # ------------------------------------------------------------------------------ run
@@ -211,6 +218,19 @@ assert status == 200, status
 assert used.startswith("w4"), f"response X-Precision is {used!r}, expected w4"
 assert text.strip(), "empty completion"
 assert usage.get("completion_tokens", 0) > 0, usage
+
+# decode speed of the image, one stream: 128 tokens (end of sequence ignored) per width, after the answer above
+for width in ("w8", "w4", "w2"):
+    body = {"model": model, "prompt": "Write a story about the sea.", "max_tokens": 128, "temperature": 0,
+            "ignore_eos": True}
+    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "X-Precision": width})
+    t = time.monotonic()
+    with urllib.request.urlopen(req, timeout=300) as r:
+        n = json.loads(r.read())["usage"]["completion_tokens"]
+    dt = time.monotonic() - t
+    assert n == 128, f"{width}: {n} tokens, expected 128"
+    print(f"[smoke] {width}: {n} tokens in {dt:.2f}s = {n / dt:.1f} tok/s (one stream, prefill included)")
 
 metrics = get("/metrics")
 def value(name, **labels):

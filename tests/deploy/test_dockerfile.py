@@ -125,3 +125,22 @@ def test_entrypoint_serves_a_mounted_checkpoint(tmp_path) -> None:
     seeded.write_text("rebuilt")
     run()
     assert seeded.read_text() == "rebuilt"
+
+
+def test_native_kernels_compiled_in_the_build_stage_and_only_the_library_shipped() -> None:
+    """The compiler is installed and used in the build stage; the runtime stage copies the built
+    kernels and installs nothing (no apt-get), so the image serves natively with no compiler."""
+    _, build, runtime = stages()
+    build_args = dict(a.split("=", 1) for op, a in build if op == "ARG" and "=" in a)
+    assert build_args["NATIVE_KERNELS"] == "1", "native kernels by default"
+    build_runs = " ".join(r for op, r in build if op == "RUN")
+    assert "apt-get install" in build_runs and "g++" in build_runs
+    assert "python -m quept.kernels.native" in build_runs
+    assert "! -name '*.so' -delete" in build_runs, "object files and build scripts stay behind"
+    runtime_runs = " ".join(r for op, r in runtime if op == "RUN")
+    assert "apt-get" not in runtime_runs and "g++" not in runtime_runs
+    assert "find_compiler() is None" in runtime_runs, "the runtime stage checks that it has no compiler"
+    copies = [c.split() for op, c in runtime if op == "COPY" and c.startswith("--from=build")]
+    assert ["--from=build", "/opt/quept/cache", "/opt/quept/cache"] in copies
+    entry = (DEPLOY / "entrypoint.sh").read_text()
+    assert "/opt/quept/cache/native" in entry, "the entrypoint seeds the cache from the shipped kernels"
