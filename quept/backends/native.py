@@ -18,6 +18,7 @@ Layers the kernel cannot take (a group size that is not a multiple of 32) run on
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,33 @@ class NativeLayerOps:
                         starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         return self._ext.paged_attention(q, k_flat, v_flat, slots, starts, ends, q.shape[-1] ** -0.5)
 
+    def layer_linears(self, linears: list[Any]) -> list[Any] | None:
+        """The C++ layers of every decoder layer's 7 linears (q k v o gate up down), for `decoder_layer`;
+        None when one of them is not a native kernel layer (a torch fallback, a dense baseline)."""
+        out = []
+        for lin in linears:
+            prepared = getattr(lin, "prepared", None)
+            if not isinstance(prepared, NativePrepared) or prepared.layer is None:
+                return None
+            out.append(prepared.layer)
+        return [out[i : i + 7] for i in range(0, len(out) - len(out) % 7, 7)]
+
+    def decoder_layer(self, layer_linears: list[Any], h: torch.Tensor, delta: torch.Tensor | None,
+                      widths: Sequence[int | WidthSegments], attn_norm: torch.Tensor, mlp_norm: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
+                      write_slots: torch.Tensor, spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                      n_heads: int, n_kv_heads: int, head_dim: int, eps: float) -> torch.Tensor:
+        """One decoder layer in one C++ call (kernels/csrc/decoder_layer.h): h += delta in place, then
+        the same ops as the model's op-by-op forward; returns the layer's MLP output [T, D]."""
+        native_widths = [w if isinstance(w, int) else w.form("native", self.segments) for w in widths]
+        return self._ext.decoder_layer(h, delta, layer_linears, native_widths, attn_norm, mlp_norm, cos, sin, k_flat,
+                                       v_flat, write_slots, *spans, n_heads, n_kv_heads, head_dim, eps,
+                                       head_dim ** -0.5)
+
+    def segments(self, widths: WidthSegments) -> Any:
+        """The C++ form of a step's segments, made once per step and shared by every linear that reads them."""
+        return self._ext.Segments(widths.order.to(torch.int32), list(widths.bits), list(widths.bounds))
+
 
 @dataclass
 class NativePrepared:
@@ -86,6 +114,7 @@ class NativeBackend(ElasticBackend):
         if isa is not None:
             set_isa(isa)
         self._torch = TorchBackend()
+        self._ops = NativeLayerOps(self._ext)
         self._warned = False
 
     @property
@@ -118,14 +147,10 @@ class NativeBackend(ElasticBackend):
             return self.forward(prepared, x.reshape(-1, x.shape[-1]), widths).view(*lead, prepared.out_features)
         if isinstance(widths, int):
             return layer.forward(x, widths)
-        return layer.forward_segments(x, widths.form("native", self._native_segments))
-
-    def _native_segments(self, widths: WidthSegments) -> Any:
-        """The C++ form of a step's segments, made once per step and shared by every linear that reads them."""
-        return self._ext.Segments(widths.order.to(torch.int32), list(widths.bits), list(widths.bounds))
+        return layer.forward_segments(x, widths.form("native", self._ops.segments))
 
     def layer_ops(self) -> "NativeLayerOps":
-        return NativeLayerOps(self._ext)
+        return self._ops
 
     def owns_copy(self, prepared: NativePrepared) -> bool:
         return prepared.layer is not None  # bit-planes, affines and adapters copied into the extension

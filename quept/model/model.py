@@ -68,6 +68,10 @@ class ElasticModel(nn.Module):
         self.final_norm = dense["model.norm.weight"].float()
         self.linears = [linears[n] for n in self.linear_names]
         self.inv_freq = rope_inv_freq(args).to(self.embed.device)
+        # Layer ops that run a whole decoder layer in one call (the native ones) get each layer's 7
+        # linears in their form; None: the op-by-op loop below (the reference), also when set to None.
+        layer_linears = getattr(self.ops, "layer_linears", None)
+        self.fused_layers = layer_linears(self.linears[: 7 * args.n_layers]) if layer_linears else None
 
     @property
     def device(self) -> torch.device:
@@ -149,10 +153,18 @@ class ElasticModel(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         t = tokens.shape[0]
         mlp_out = None  # the previous layer's MLP output, added to h by the next norm
+        fused = self.fused_layers
+        spans = layout.row_spans if fused is not None else None
         for i in range(a.n_layers):
-            q_proj, k_proj, v_proj, o_proj, gate, up, down = self.linears[7 * i : 7 * i + 7]
             b = bits[7 * i : 7 * i + 7]
             attn_norm, mlp_norm = self.norms[i]
+            if fused is not None:  # the same ops as below in one call; h updated in place
+                k_flat = cache.k_cache[i].view(-1, a.n_kv_heads, a.head_dim)  # [slots, Hkv, D]
+                v_flat = cache.v_cache[i].view(-1, a.n_kv_heads, a.head_dim)
+                mlp_out = ops.decoder_layer(fused[i], h, mlp_out, b, attn_norm, mlp_norm, cos, sin, k_flat, v_flat,
+                                            layout.write_slots, spans, a.n_heads, a.n_kv_heads, a.head_dim, eps)
+                continue
+            q_proj, k_proj, v_proj, o_proj, gate, up, down = self.linears[7 * i : 7 * i + 7]
             h, x = ops.add_rms_norm(h, mlp_out, attn_norm, eps)
             q = ops.rope(q_proj(x, b[0]).view(t, a.n_heads, a.head_dim), cos, sin)  # [T, Hq, D]
             k = ops.rope(k_proj(x, b[1]).view(t, a.n_kv_heads, a.head_dim), cos, sin)  # [T, Hkv, D]

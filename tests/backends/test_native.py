@@ -157,3 +157,47 @@ def test_tiny_model_matches_torch_backend(tiny_ckpt) -> None:
     want, got = logits
     assert float((got - want).norm() / want.norm()) < 5e-2  # int8 activations: ~0.6% per linear, 15 linears deep
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_decoder_layer_in_one_call_equals_the_op_by_op_forward(tmp_path, model_type: str) -> None:
+    """The native one-call decoder layer (kernels/csrc/decoder_layer.h) runs the same kernels in the
+    same order as the model's op-by-op loop: logits bit-identical, for uniform and per-linear mixed
+    plans, prefill chunks beside decoding rows, with q/k/v biases (qwen2)."""
+    from quept.model.loader import load_model
+    from quept.model.runner import ModelRunner, SeqRows, StepBatch
+    from quept.precision.plan import PrecisionPlan
+    from tests.tiny import tiny_checkpoint
+
+    lm = load_model(tiny_checkpoint(tmp_path / "c", model_type=model_type, random_adapters=True), backend="native")
+    model = lm.model
+    fused = model.fused_layers
+    assert fused is not None and len(fused) == model.args.n_layers
+    gen = torch.Generator().manual_seed(2024 + len(model_type))
+    n = model.n_linears
+    tokens = torch.randint(0, model.args.vocab_size, (12,), generator=gen).tolist()
+    plans = [PrecisionPlan.uniform(int(WIDTHS[int(torch.randint(0, 6, (1,), generator=gen))])),
+             PrecisionPlan("mixed", per_linear=tuple(WIDTHS[j] for j in torch.randint(0, 6, (n,), generator=gen).tolist()))]
+    logits = []
+    for layers in (fused, None):
+        model.fused_layers = layers
+        runner, tables = ModelRunner.scratch(model, 2, 10, block_size=4)
+        out = [runner.execute(StepBatch([SeqRows(tokens[:5], 0, tables[0], plans[0]),
+                                         SeqRows(tokens[5:8], 0, tables[1], plans[1])], all_logits=True))]
+        for step in range(3):
+            out.append(runner.execute(StepBatch([SeqRows(tokens[8 + step : 9 + step], 5 + step, tables[0], plans[0]),
+                                                 SeqRows(tokens[9:10], 3 + step, tables[1], plans[1])])))
+        out.append(runner.execute(StepBatch([SeqRows(tokens[11:12], 8, tables[0], plans[1])])))  # one row, lone
+        logits.append(torch.cat(out))
+    model.fused_layers = fused
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_decoder_layer_refuses_a_wrong_number_of_linears() -> None:
+    from quept.kernels.native import load_native
+
+    ext = load_native()
+    t = torch.zeros(1, 32)
+    with pytest.raises(RuntimeError, match="7 linears"):
+        ext.decoder_layer(t, None, [], [], t[0], t[0], t, t, t, t, t.long()[0], t.long()[0], t.long()[0], t.long()[0],
+                          1, 1, 32, 1e-5, 1.0)

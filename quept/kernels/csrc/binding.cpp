@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include "decoder_layer.h"
 #include "elastic_layer.h"
 #include "fused_ops_torch.h"
 #include "isa.h"
@@ -44,6 +45,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("slots"), py::arg("starts"), py::arg("ends"), py::arg("scale"),
           "query rows over the paged cache, row r over the cache rows slots[starts[r]:ends[r]], read in place",
           py::call_guard<py::gil_scoped_release>());
+    m.def(
+        "decoder_layer",
+        [](at::Tensor h, const std::optional<at::Tensor>& delta, const std::vector<const Layer*>& linears,
+           const py::sequence& widths, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, const at::Tensor& cos,
+           const at::Tensor& sin, at::Tensor k_flat, at::Tensor v_flat, const at::Tensor& write_slots,
+           const at::Tensor& slots, const at::Tensor& starts, const at::Tensor& ends, int64_t n_heads,
+           int64_t n_kv_heads, int64_t head_dim, double eps, double scale) {
+            std::vector<quept::LinearWidth> w;
+            for (const auto& item : widths) {  // an int (every row at that width) or a Segments
+                if (py::isinstance<py::int_>(item)) {
+                    w.push_back({item.cast<int64_t>(), nullptr});
+                } else {
+                    w.push_back({0, item.cast<const quept::Segments*>()});
+                }
+            }
+            py::gil_scoped_release release;
+            return quept::decoder_layer(h, delta, linears, w, attn_norm, mlp_norm, cos, sin, k_flat, v_flat,
+                                        write_slots, slots, starts, ends, {n_heads, n_kv_heads, head_dim, eps, scale});
+        },
+        py::arg("h"), py::arg("delta"), py::arg("linears"), py::arg("widths"), py::arg("attn_norm"),
+        py::arg("mlp_norm"), py::arg("cos"), py::arg("sin"), py::arg("k_flat"), py::arg("v_flat"),
+        py::arg("write_slots"), py::arg("slots"), py::arg("starts"), py::arg("ends"), py::arg("n_heads"),
+        py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scale"),
+        "one decoder layer (decoder_layer.h): h += delta in place, attention and MLP; returns the MLP output");
     m.def("write_kv", &quept::write_kv, py::arg("k_flat"), py::arg("v_flat"), py::arg("slots"), py::arg("k"),
           py::arg("v"), "K/V rows into the cache slots, converted to the cache's type");
 }
