@@ -338,8 +338,9 @@ def summarize(res: dict[str, Any], batch: int) -> dict[str, Any]:
     if 8 in quept and 2 in quept:
         s["w2_over_w8"] = quept[2] / quept[8]
     s["targets"] = {
-        "w4_at_least_3x_hf": bool(hf and 4 in quept and quept[4] >= 3 * hf),
-        "w4_at_least_llama_cpp": bool(ll and 4 in quept and quept[4] >= ll),
+        # None: the peer was not measured (--skip, or llama-cpp-python missing)
+        "w4_at_least_3x_hf": bool(4 in quept and quept[4] >= 3 * hf) if hf else None,
+        "w4_at_least_llama_cpp": bool(4 in quept and quept[4] >= ll) if ll else None,
         "monotonic": s["monotonic_8_to_2"],
     }
     extra = {k: v.get("tokens_per_s") for k, v in res.items() if k.startswith("w") and "-" in k and "error" not in v}
