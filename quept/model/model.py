@@ -57,7 +57,6 @@ class ElasticModel(nn.Module):
                  ops: Any = None) -> None:
         super().__init__()
         self.args = args
-        self.ops = ops or TorchLayerOps()  # a backend may bring fused ones (the native CPU kernels do)
         self.linear_names = linear_names(args.n_layers)
         self.embed = dense["model.embed_tokens.weight"]  # fp16/fp32 [V, D]; rows read per token
         self.norms = [
@@ -68,10 +67,20 @@ class ElasticModel(nn.Module):
         self.final_norm = dense["model.norm.weight"].float()
         self.linears = [linears[n] for n in self.linear_names]
         self.inv_freq = rope_inv_freq(args).to(self.embed.device)
+        self.ops = ops or TorchLayerOps()  # a backend may bring fused ones (the native CPU kernels do)
+
+    @property
+    def ops(self) -> Any:
+        """The elementwise layer ops (and, for ops that have it, the one-call decoder layer)."""
+        return self._ops
+
+    @ops.setter
+    def ops(self, ops: Any) -> None:
         # Layer ops that run a whole decoder layer in one call (the native ones) get each layer's 7
-        # linears in their form; None: the op-by-op loop below (the reference), also when set to None.
-        layer_linears = getattr(self.ops, "layer_linears", None)
-        self.fused_layers = layer_linears(self.linears[: 7 * args.n_layers]) if layer_linears else None
+        # linears in their form; None: the op-by-op loop of `forward` (the reference), also when set to None.
+        self._ops = ops
+        layer_linears = getattr(ops, "layer_linears", None)
+        self.fused_layers = layer_linears(self.linears[: 7 * self.args.n_layers]) if layer_linears else None
 
     @property
     def device(self) -> torch.device:
