@@ -51,9 +51,14 @@ constexpr bool maybe_nonzero(int B, int D, int j) {
     return maybe_nonzero(B, 2 * D, j) || maybe_nonzero(B, 2 * D, partner);
 }
 
-template <int B, int D, int J>
-inline void stage_pair(__m256i r[8], __m256i m) {
-    swap_bits<D, maybe_nonzero(B, 2 * D, J), maybe_nonzero(B, 2 * D, J + D)>(r[J], r[J + D], m);
+// One transpose stage: the 4 swaps of distance D, pairs (J, J + D) for the J whose bit D is clear.
+template <int B, int D, int K = 0>
+inline void stage(__m256i r[8], __m256i m) {
+    if constexpr (K < 4) {
+        constexpr int J = ((K & ~(D - 1)) << 1) | (K & (D - 1));  // the K-th index with bit D clear
+        swap_bits<D, maybe_nonzero(B, 2 * D, J), maybe_nonzero(B, 2 * D, J + D)>(r[J], r[J + D], m);
+        stage<B, D, K + 1>(r, m);
+    }
 }
 
 // The 8 code vectors of chunk c at width B, half-tile base `base`: byte r*4+j of vector i is the
@@ -69,18 +74,9 @@ inline void unpack_chunk(const uint8_t* base, int64_t plane_stride, int64_t c, _
                      : _mm256_setzero_si256();
     }
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x33), m1 = _mm256_set1_epi8(0x55);
-    stage_pair<B, 4, 0>(q, m4);
-    stage_pair<B, 4, 1>(q, m4);
-    stage_pair<B, 4, 2>(q, m4);
-    stage_pair<B, 4, 3>(q, m4);
-    stage_pair<B, 2, 0>(q, m2);
-    stage_pair<B, 2, 1>(q, m2);
-    stage_pair<B, 2, 4>(q, m2);
-    stage_pair<B, 2, 5>(q, m2);
-    stage_pair<B, 1, 0>(q, m1);
-    stage_pair<B, 1, 2>(q, m1);
-    stage_pair<B, 1, 4>(q, m1);
-    stage_pair<B, 1, 6>(q, m1);
+    stage<B, 4>(q, m4);
+    stage<B, 2>(q, m2);
+    stage<B, 1>(q, m1);
 }
 
 inline const uint8_t* half_base(const LayerView& L, int64_t t, int h) {
