@@ -74,7 +74,7 @@ class NativeLayerOps:
             if not isinstance(prepared, NativePrepared) or prepared.layer is None:
                 return None
             out.append(prepared.layer)
-        return [out[i : i + 7] for i in range(0, len(out) - len(out) % 7, 7)]
+        return [out[i : i + 7] for i in range(0, len(out), 7)]  # the model hands 7 per layer
 
     def decoder_layer(self, layer_linears: list[Any], h: torch.Tensor, delta: torch.Tensor | None,
                       widths: Sequence[int | WidthSegments], attn_norm: torch.Tensor, mlp_norm: torch.Tensor,
